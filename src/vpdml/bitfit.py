@@ -1,0 +1,56 @@
+"""BitFit as per-adapter bias offsets.
+
+Instead of training the backbone's biases in place, each adapter owns an offset per bias (zero-initialised)
+that a forward hook adds to the module's output. The gradient is the same as training the bias itself, but
+the backbone stays untouched: adapters can be switched, disabled and unloaded exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class BiasOffsets(nn.Module):
+    """Zero-initialised offsets keyed by canonical bias name (``blocks.3.attn_q``, ``final_norm``...)."""
+
+    def __init__(self, bias_shapes: dict[str, torch.Size]) -> None:
+        super().__init__()
+        # ParameterDict keys cannot contain dots; "/" keeps the canonical name readable in saved files.
+        self.offsets = nn.ParameterDict(
+            {name.replace(".", "/"): nn.Parameter(torch.zeros(shape)) for name, shape in bias_shapes.items()}
+        )
+
+    def get(self, canonical_name: str) -> torch.Tensor | None:
+        key = canonical_name.replace(".", "/")
+        return self.offsets.get(key, None)
+
+
+OffsetLookup = Callable[[str], "torch.Tensor | None"]
+
+
+def add_bias_offset(output: torch.Tensor, offset: torch.Tensor, *, channels_first: bool) -> torch.Tensor:
+    """Add a per-channel offset to a Linear/LayerNorm output (channels last) or a Conv2d output (channels first)."""
+    offset = offset.to(output.dtype)
+    if channels_first:
+        return output + offset.view(1, -1, *([1] * (output.dim() - 2)))
+    return output + offset
+
+
+def install_bias_hooks(modules: dict[str, nn.Module], lookup: OffsetLookup) -> list[RemovableHandle]:
+    """Register one forward hook per biased module; ``lookup(name)`` returns the active offset or None."""
+
+    def make_hook(name: str, channels_first: bool):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            offset = lookup(name)
+            return None if offset is None else add_bias_offset(output, offset, channels_first=channels_first)
+
+        return hook
+
+    return [
+        module.register_forward_hook(make_hook(name, isinstance(module, nn.modules.conv._ConvNd)))
+        for name, module in modules.items()
+    ]

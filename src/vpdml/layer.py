@@ -1,0 +1,73 @@
+"""The tuner layer: a transformer block that sees extra prompt tokens.
+
+Each wrapped block asks a shared :class:`PromptRouter` which prompts to use for the current forward pass:
+the active adapter's shared prompts (embedding), the batch's class prompts (semantic-proxy pass), or none
+(adapter disabled). The prompts are appended after the image tokens and their outputs are dropped after the
+block, so every layer gets fresh prompts (VPT-deep). Appending rather than inserting after CLS is exact: a ViT
+block is permutation-equivariant over tokens (positions were added before the first block, there is no causal
+mask), and slicing the image tokens back out is a view, not a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+#: ``provider(layer_index, batch_size) -> (B, n, D) prompts or None``.
+PromptProvider = Callable[[int, int], "torch.Tensor | None"]
+
+
+class PromptRouter:
+    """Plain object shared by all prompted blocks of one backbone: who provides prompts right now."""
+
+    def __init__(self) -> None:
+        self.provider: PromptProvider | None = None
+
+    def prompts(self, layer_index: int, batch_size: int) -> torch.Tensor | None:
+        return None if self.provider is None else self.provider(layer_index, batch_size)
+
+
+class PromptedBlock(nn.Module, BaseTunerLayer):
+    """Wraps one transformer block; owns no parameters (prompts live on the tuner, keyed by adapter)."""
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, layer_index: int, router: PromptRouter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_index = layer_index
+        self._router = router
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter: str | list[str] = "default"
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        prompts = (
+            None if self._disable_adapters else self._router.prompts(self.layer_index, hidden_states.shape[0])
+        )
+        if prompts is None or prompts.shape[1] == 0:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        num_tokens = hidden_states.shape[1]
+        extended = torch.cat([hidden_states, prompts.to(hidden_states.dtype)], dim=1)
+        args = tuple(_pad_attention_mask(a, prompts.shape[1]) for a in args)
+        kwargs = {k: _pad_attention_mask(v, prompts.shape[1]) for k, v in kwargs.items()}
+        output = self.base_layer(extended, *args, **kwargs)
+        if isinstance(output, tuple):
+            return (output[0][:, :num_tokens], *output[1:])
+        return output[:, :num_tokens]
+
+    def __repr__(self) -> str:
+        return f"vpdml.{super().__repr__()}"
+
+
+def _pad_attention_mask(value: Any, num_prompts: int) -> Any:
+    """Extend a 4-D (B, 1, T, T) attention mask so image tokens and prompts attend to each other."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[-1] != value.shape[-2]:
+        return value
+    fill = True if value.dtype == torch.bool else 0.0
+    return nn.functional.pad(value, (0, num_prompts, 0, num_prompts), value=fill)

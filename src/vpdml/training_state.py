@@ -1,0 +1,106 @@
+"""Training-only adapter state (proxies, class prompts, GRU/EMA, semantic-proxy state) as safetensors.
+
+``save_pretrained`` writes what inference needs; this file holds the rest, so a run resumes exactly. Writes are
+atomic (temporary file + rename) and loads validate every key, shape and dtype before touching the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+TRAINING_STATE_FILE = "vpdml_training_state.safetensors"
+_FORMAT = "vpdml-training-state/1"
+
+
+def _tuner(model: nn.Module) -> nn.Module:
+    return model.base_model if isinstance(model, PeftModel) else model
+
+
+def training_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of an adapter's training-only part, keyed without the adapter name."""
+    tuner = _tuner(model)
+    adapter = tuner._resolve_adapter(adapter_name)
+    if adapter not in tuner.dml_proxies:
+        return {}
+    return {key: value.detach() for key, value in tuner.dml_proxies[adapter].state_dict().items()}
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_training_state(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None
+) -> Path:
+    """Save the training-only state of an adapter next to its ``save_pretrained`` files."""
+    tuner = _tuner(model)
+    adapter = tuner._resolve_adapter(adapter_name)
+    path = Path(directory) / TRAINING_STATE_FILE
+    config = tuner.peft_config[adapter]
+    metadata = {
+        "format": _FORMAT,
+        "num_classes": json.dumps(config.num_classes),
+        "semantic_proxies": config.semantic_proxies,
+    }
+    atomic_save_safetensors(training_state_dict(tuner, adapter), path, metadata)
+    return path
+
+
+def load_training_state(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None
+) -> None:
+    """Load what :func:`save_training_state` wrote; every key, shape and dtype is checked first."""
+    tuner = _tuner(model)
+    adapter = tuner._resolve_adapter(adapter_name)
+    path = Path(directory) / TRAINING_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"No training state at {path}: it is written by vpdml.save_training_state().")
+    try:
+        loaded = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or tampered?): {error}"
+        ) from error
+    expected = training_state_dict(tuner, adapter)
+    _check_same_layout(expected, loaded, path)
+    if expected:
+        tuner.dml_proxies[adapter].load_state_dict(loaded, strict=True)
+
+
+def _check_same_layout(
+    expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], path: Path
+) -> None:
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match this adapter's training state (missing {missing}, unexpected {unexpected}). "
+            "Was it saved for an adapter with another config (semantic_proxies, num_classes)?"
+        )
+    for key, tensor in expected.items():
+        other = loaded[key]
+        if other.shape != tensor.shape or other.dtype != tensor.dtype:
+            raise ValueError(
+                f"{path}: {key} is {tuple(other.shape)} {other.dtype}, this adapter expects {tuple(tensor.shape)} "
+                f"{tensor.dtype} (num_classes or embedding_dim differ?)."
+            )

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny backbones built from configs (no Hub access needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DeiTConfig,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    ViTConfig,
+    ViTModel,
+)
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 48}
+
+
+def tiny_vit(seed: int = 0, **overrides) -> ViTModel:
+    torch.manual_seed(seed)
+    config = ViTConfig(**{**TINY, "image_size": 32, "patch_size": 8, **overrides})
+    return ViTModel(config).eval()
+
+
+def tiny_backbone(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A few-layer random backbone of each supported family."""
+    torch.manual_seed(seed)
+    if kind == "vit":
+        return tiny_vit(seed)
+    if kind == "deit":
+        return DeiTModel(DeiTConfig(**TINY, image_size=32, patch_size=8)).eval()
+    if kind == "dinov2":
+        return Dinov2Model(Dinov2Config(**TINY, image_size=32, patch_size=8, mlp_ratio=2)).eval()
+    if kind == "dinov2_with_registers":
+        config = Dinov2WithRegistersConfig(
+            **TINY, image_size=32, patch_size=8, mlp_ratio=2, num_register_tokens=2
+        )
+        return Dinov2WithRegistersModel(config).eval()
+    if kind == "clip":
+        return CLIPVisionModel(CLIPVisionConfig(**TINY, image_size=32, patch_size=8)).eval()
+    raise ValueError(kind)
+
+
+BACKBONE_KINDS = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip")
+
+
+@pytest.fixture
+def pixels() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def labels() -> torch.Tensor:
+    return torch.tensor([0, 0, 3, 3])
