@@ -261,3 +261,22 @@ def test_adapters_load_across_transformers_layouts(tmp_path, direction):
     with warnings.catch_warnings():
         run(saver, "save-adapter", backbone, adapter)
     assert "max abs diff" in run(checker, "check-adapter", backbone, adapter)
+
+
+def test_peft_loads_an_adapter_from_a_hub_snapshot_offline(tmp_path, monkeypatch, pixels):
+    """The `PeftModel.from_pretrained(vit, "me/repo")` code path, served from a Hub-cache layout offline."""
+    import huggingface_hub
+    from hub_snapshot import make_fake_hub_snapshot
+
+    model = make_model(seed=0).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    expected = model.embed(pixels)
+    files = {name: tmp_path / "adapter" / name for name in ("adapter_config.json", "adapter_model.safetensors")}
+    cache = tmp_path / "hub-cache"
+    make_fake_hub_snapshot(cache, "me/vit-tiny-vptsp", files)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    again = PeftModel.from_pretrained(tiny_vit(0), "me/vit-tiny-vptsp", cache_dir=str(cache)).eval()
+    torch.testing.assert_close(again.embed(pixels), expected)
