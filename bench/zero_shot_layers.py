@@ -67,7 +67,8 @@ def embed_all_layers(
                 "patch_mean_ln": normed[:, 1:].mean(dim=1),
             }
             for view, tensor in views.items():
-                features.setdefault(f"{layer}/{view}", []).append(tensor)
+                # clone: a CLS slice is a view that would keep the whole (B, T, D) hidden state alive
+                features.setdefault(f"{layer}/{view}", []).append(tensor.clone())
     return {key: torch.nn.functional.normalize(torch.cat(parts), dim=1) for key, parts in features.items()}
 
 

@@ -51,9 +51,6 @@ def test_all_classes_averaging_divides_the_positive_term_by_every_proxy():
     official = proxy_anchor_loss(
         embeddings, labels, proxies, margin=0.0, scale=1.0, positive_average="all_classes"
     )
-    negative_only = proxy_anchor_loss(
-        embeddings, labels, proxies, margin=0.0, scale=1.0, positive_average="all_classes"
-    )
     # pos/2 + neg vs pos/10 + neg: the difference is pos * (1/2 - 1/10)
     cos = torch.nn.functional.normalize(embeddings, dim=-1) @ torch.nn.functional.normalize(proxies, dim=-1).T
     pos = sum(torch.log1p(torch.exp(-cos[labels == c, c]).sum()) for c in (0, 1))

@@ -95,6 +95,25 @@ def test_dinov2_flavour_matches_onnxruntime(converted_cache: Path, onnx_session:
 
 
 @needs_wheel
+@pytest.mark.parametrize("as_dinov2", [False, True])
+def test_num_layers_keeps_the_first_blocks_and_the_final_norm(converted_cache: Path, as_dinov2: bool) -> None:
+    full = backbone.load_offline_backbone(converted_cache, as_dinov2=as_dinov2).eval()
+    truncated = backbone.load_offline_backbone(converted_cache, as_dinov2=as_dinov2, num_layers=11).eval()
+    assert truncated.config.num_hidden_layers == 11
+    pixels = torch.from_numpy(backbone.reference_pixels(56, batch_size=1))
+    forward_kwargs = {} if as_dinov2 else {"interpolate_pos_encoding": True}
+    with torch.no_grad():
+        block_11 = full(pixels, output_hidden_states=True, **forward_kwargs).hidden_states[11]
+        actual = truncated(pixels, **forward_kwargs).last_hidden_state
+    torch.testing.assert_close(actual, full.layernorm(block_11))
+
+
+def test_num_layers_out_of_range_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"num_layers must be in 1\.\.12"):
+        backbone.load_offline_backbone(tmp_path, num_layers=13)
+
+
+@needs_wheel
 def test_checkpoint_is_a_plain_hugging_face_vit(converted_cache: Path) -> None:
     from transformers import ViTModel
 

@@ -266,12 +266,15 @@ def test_adapters_load_across_transformers_layouts(tmp_path, direction):
 def test_peft_loads_an_adapter_from_a_hub_snapshot_offline(tmp_path, monkeypatch, pixels):
     """The `PeftModel.from_pretrained(vit, "me/repo")` code path, served from a Hub-cache layout offline."""
     import huggingface_hub
+
     from hub_snapshot import make_fake_hub_snapshot
 
     model = make_model(seed=0).eval()
     model.save_pretrained(tmp_path / "adapter")
     expected = model.embed(pixels)
-    files = {name: tmp_path / "adapter" / name for name in ("adapter_config.json", "adapter_model.safetensors")}
+    files = {
+        name: tmp_path / "adapter" / name for name in ("adapter_config.json", "adapter_model.safetensors")
+    }
     cache = tmp_path / "hub-cache"
     make_fake_hub_snapshot(cache, "me/vit-tiny-vptsp", files)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

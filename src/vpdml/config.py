@@ -13,6 +13,7 @@ from .registration import VPDML_PEFT_TYPE
 SemanticProxyKind = Literal["none", "ema", "gru"]
 PoolingKind = Literal["cls", "mean"]
 PositiveAverage = Literal["classes_with_positives", "all_classes"]
+ClassPromptStorage = Literal["auto", "dense", "sparse", "low_rank"]
 
 #: The baselines of the paper, as overrides of the config defaults. ``full-finetune`` is not a PEFT adapter:
 #: see :class:`vpdml.FullFineTuningDML`.
@@ -90,6 +91,30 @@ class VisualPromptDMLConfig(PeftConfig):
     class_prompt_step: int = field(
         default=0, metadata={"help": "Decreasing class prompts: layer i gets max(m - step * i, 0)."}
     )
+    class_prompt_storage: ClassPromptStorage = field(
+        default="auto",
+        metadata={
+            "help": "How the (C x layers x m x D) class-prompt table is stored (docs/scale.md): 'dense' (a table-sized "
+            "gradient and optimizer pass every step), 'sparse' (row-sparse gradient; only the batch's classes are "
+            "updated, with per-row Adam steps: needs vpdml.row_sparse.RowSparseAdamW/RowSparseSGD), 'low_rank' "
+            "(a shared basis of rank class_prompt_rank and a row-sparse code per class), or 'auto' (dense up to "
+            "2**25 elements, sparse above: CUB and Cars stay dense, SOP and In-Shop go sparse)."
+        },
+    )
+    class_prompt_rank: int = field(
+        default=64,
+        metadata={
+            "help": "Rank r of the 'low_rank' class-prompt table (C x r codes, r x layers x m x D basis)."
+        },
+    )
+    class_prompt_offload: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the row-sparse class-prompt table and its optimizer state in host memory; only the batch's "
+            "rows go to the accelerator. Needs class_prompt_storage 'sparse', 'low_rank' or 'auto' (-> sparse). "
+            "Single-process only: DDP refuses a model with parameters on two devices."
+        },
+    )
     semantic_images_per_class: int | None = field(
         default=None,
         metadata={
@@ -166,6 +191,16 @@ class VisualPromptDMLConfig(PeftConfig):
         _check_int(self, "class_prompts", minimum=1 if self.uses_semantic_proxies else 0)
         _check_optional_int(self, "class_prompt_depth", minimum=1)
         _check_int(self, "class_prompt_step", minimum=0)
+        _check_choice(self, "class_prompt_storage", ("auto", "dense", "sparse", "low_rank"))
+        _check_int(self, "class_prompt_rank", minimum=1)
+        if not isinstance(self.class_prompt_offload, bool):
+            raise _field_error(self, "class_prompt_offload", "True or False")
+        if self.class_prompt_offload and self.class_prompt_storage == "dense":
+            raise ValueError(
+                "VisualPromptDMLConfig.class_prompt_offload=True needs a row-sparse class-prompt table: set "
+                "class_prompt_storage to 'sparse', 'low_rank' or 'auto' (a dense table's gradient and optimizer step "
+                "cover every row, so it cannot stay in host memory)."
+            )
         _check_optional_int(self, "semantic_images_per_class", minimum=1)
         _check_range(self, "proxy_keep_ratio", 0.0, 1.0, include_high=False)
         _check_range(self, "gru_dropout", 0.0, 1.0, include_high=False)

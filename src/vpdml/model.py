@@ -135,7 +135,10 @@ class VisualPromptDMLModel(BaseTuner):
                 keep_ratio=config.proxy_keep_ratio,
                 gru_dropout=config.gru_dropout,
                 mix_alpha=config.proxy_mix_alpha,
-            ).to(device)
+                class_prompt_storage=config.class_prompt_storage,
+                class_prompt_rank=config.class_prompt_rank,
+                class_prompt_offload=config.class_prompt_offload,
+            ).to(device)  # an offloaded class-prompt table ignores this move and stays in host memory
 
     # --------------------------------------------------------------------------------- prompt and bias routing
     def _active_prompt_provider(self, layer_index: int, batch_size: int) -> torch.Tensor | None:

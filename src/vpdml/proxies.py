@@ -6,6 +6,11 @@ backbone where every image gets the class prompts of its own label gives, throug
 by EMA or a GRU; the loss uses Q_c = normalise((1 - alpha) * P_c + alpha * O_c) with learnable proxies O.
 
 Everything here is training-only: none of it is needed to embed images.
+
+The class prompts are stored by :mod:`vpdml.class_prompt_tables` (dense, row-sparse or low-rank). The learnable
+proxies O and the state P stay dense ``(C, E)`` tensors on purpose: Proxy Anchor's negative term compares every
+sample with every proxy, so each step reads every row of P and gives every row of O a non-zero gradient. A
+row-sparse O would only pay off with sampled negatives, which is a different loss (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -14,30 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .class_prompt_tables import ClassPromptTable, build_class_prompt_table
 from .heads import EmbeddingHead
-from .prompts import xavier_normal_prompts
 
-
-class ClassPromptTable(nn.Module):
-    """Dense class prompts: one ``(C, sum_l m_l, D)`` table, gathered by label and split per layer."""
-
-    def __init__(self, num_classes: int, counts: list[int], hidden_size: int) -> None:
-        super().__init__()
-        self.counts = list(counts)
-        self.offsets = [sum(counts[:i]) for i in range(len(counts))]
-        self.weight = nn.Parameter(xavier_normal_prompts(num_classes, sum(counts), hidden_size))
-
-    @property
-    def num_classes(self) -> int:
-        return self.weight.shape[0]
-
-    def gather(self, labels: torch.Tensor) -> list[torch.Tensor | None]:
-        """Per layer, the ``(B, m_l, D)`` prompts of each sample's class (None where m_l = 0)."""
-        rows = self.weight[labels]  # one gather for all layers: only the batch's rows enter the graph
-        return [
-            rows[:, start : start + n] if n else None
-            for start, n in zip(self.offsets, self.counts, strict=True)
-        ]
+__all__ = [
+    "ClassPromptTable",
+    "EMAAccumulator",
+    "GRUAccumulator",
+    "ProxyBank",
+    "scatter_mean",
+]
 
 
 def scatter_mean(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +50,7 @@ class EMAAccumulator(nn.Module):
         self, state: torch.Tensor, semantic: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         classes, means = scatter_mean(semantic, labels)
-        updated = self.keep_ratio * state[classes] + (1.0 - self.keep_ratio) * means
+        updated = self.keep_ratio * state[classes].to(means.dtype) + (1.0 - self.keep_ratio) * means
         return classes, F.normalize(updated, dim=-1)
 
 
@@ -90,7 +81,7 @@ class GRUAccumulator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         classes, inverse = torch.unique(labels, return_inverse=True)
         rank = _rank_within_class(inverse, len(classes))
-        current = state[classes]
+        current = state[classes].to(semantic.dtype)
         for step in range(int(rank.max().item()) + 1):
             at_step = rank == step
             rows = inverse[at_step]
@@ -120,6 +111,9 @@ class ProxyBank(nn.Module):
         keep_ratio: float,
         gru_dropout: float,
         mix_alpha: float,
+        class_prompt_storage: str = "dense",
+        class_prompt_rank: int = 64,
+        class_prompt_offload: bool = False,
     ) -> None:
         super().__init__()
         self.semantic_kind = semantic_proxies
@@ -128,7 +122,14 @@ class ProxyBank(nn.Module):
         nn.init.kaiming_normal_(self.learnable, mode="fan_out")  # as in Proxy Anchor
         if semantic_proxies == "none":
             return
-        self.class_prompts = ClassPromptTable(num_classes, class_prompt_counts, hidden_size)
+        self.class_prompts = build_class_prompt_table(
+            class_prompt_storage,
+            num_classes=num_classes,
+            counts=class_prompt_counts,
+            hidden_size=hidden_size,
+            rank=class_prompt_rank,
+            offload=class_prompt_offload,
+        )
         self.proxy_head = EmbeddingHead(hidden_size, embedding_dim)
         self.accumulator: nn.Module = (
             GRUAccumulator(embedding_dim, gru_dropout)
@@ -150,16 +151,22 @@ class ProxyBank(nn.Module):
         where given and the stored state elsewhere; plain ``normalise(O)`` without semantic proxies."""
         if not self.uses_semantic_proxies:
             return F.normalize(self.learnable, dim=-1)
+        # Every proxy enters Proxy Anchor's negative term, so Q is (C, E) whatever the batch: build it with one
+        # (C, E) temporary (lerp(P, O, a) = (1 - a) P + a O, whose backward saves nothing) plus the normalised
+        # output, then overwrite the batch's rows in place, instead of a copy per arithmetic step.
         state = self.semantic_state.detach().to(self.learnable.dtype)
+        mixed = torch.lerp(state, self.learnable, self.mix_alpha)
         if semantic_rows is not None:
             classes, rows = semantic_rows
-            state = state.index_put((classes,), rows.to(state.dtype))
-        return F.normalize((1.0 - self.mix_alpha) * state + self.mix_alpha * self.learnable, dim=-1)
+            batch = torch.lerp(rows.to(mixed.dtype), self.learnable[classes], self.mix_alpha)
+            mixed = mixed.index_put_((classes,), batch)
+        return F.normalize(mixed, dim=-1)
 
     def accumulate(self, semantic: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the state rows of the batch's classes from their semantic vectors; returns the new rows with
         their graph (for this step's loss) and stores them detached (for later steps)."""
-        classes, rows = self.accumulator(self.semantic_state.to(semantic.dtype), semantic, labels)
+        # The accumulators read (and cast) only the batch's rows: no (C, E) copy of the state per step.
+        classes, rows = self.accumulator(self.semantic_state, semantic, labels)
         if self.training:
             self.semantic_state[classes] = rows.detach().to(self.semantic_state.dtype)
         return classes, rows

@@ -61,6 +61,7 @@ def save_training_state(
         "format": _FORMAT,
         "num_classes": json.dumps(config.num_classes),
         "semantic_proxies": config.semantic_proxies,
+        "class_prompt_storage": config.class_prompt_storage,
     }
     atomic_save_safetensors(training_state_dict(tuner, adapter), path, metadata)
     return path
@@ -95,7 +96,8 @@ def _check_same_layout(
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match this adapter's training state (missing {missing}, unexpected {unexpected}). "
-            "Was it saved for an adapter with another config (semantic_proxies, num_classes)?"
+            "Was it saved for an adapter with another config (semantic_proxies, num_classes, or class_prompt_storage: "
+            "'dense' and 'sparse' tables share their layout, 'low_rank' has its own)?"
         )
     for key, tensor in expected.items():
         other = loaded[key]

@@ -477,22 +477,47 @@ def ensure_offline_backbone(
 
 
 def load_offline_backbone(
-    cache_dir: str | os.PathLike[str] | None = None, *, as_dinov2: bool = False, **from_pretrained_kwargs: Any
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    as_dinov2: bool = False,
+    num_layers: int | None = None,
+    **from_pretrained_kwargs: Any,
 ) -> ViTModel | Dinov2Model:
     """Convert if needed, then load the offline backbone (``ViTModel`` without pooler, or ``Dinov2Model``).
 
+    ``num_layers`` keeps only the first blocks (the final LayerNorm stays): the saliency training changed
+    the last block, and zero-shot retrieval is better from block 11's output (docs/offline-default.md).
     ViT needs ``interpolate_pos_encoding=True`` in ``forward`` for input sizes other than 518 px.
     """
+    if num_layers is not None and not 1 <= num_layers <= NUM_LAYERS:
+        raise ValueError(f"num_layers must be in 1..{NUM_LAYERS} (or None for all), got {num_layers}.")
     path = ensure_offline_backbone(cache_dir, as_dinov2=as_dinov2)
     if as_dinov2:
         from transformers import Dinov2Model
 
-        return Dinov2Model.from_pretrained(path, **from_pretrained_kwargs)
-    from transformers import ViTModel
+        model = Dinov2Model.from_pretrained(path, **from_pretrained_kwargs)
+    else:
+        from transformers import ViTModel
 
-    # DINOv2 has no pooler (Dense + tanh); building one would add random weights.
-    from_pretrained_kwargs.setdefault("add_pooling_layer", False)
-    return ViTModel.from_pretrained(path, **from_pretrained_kwargs)
+        # DINOv2 has no pooler (Dense + tanh); building one would add random weights.
+        from_pretrained_kwargs.setdefault("add_pooling_layer", False)
+        model = ViTModel.from_pretrained(path, **from_pretrained_kwargs)
+    if num_layers is not None:
+        _keep_first_blocks(model, num_layers)
+    return model
+
+
+def _keep_first_blocks(model: Any, num_layers: int) -> None:
+    """Drop the blocks after ``num_layers``, wherever this transformers version keeps them.
+
+    Loading with ``num_hidden_layers=`` would work too, but reports every dropped weight as unexpected.
+    """
+    import torch
+
+    owner, attribute = (model, "layers") if hasattr(model, "layers") else (model.encoder, "layer")
+    blocks = getattr(owner, attribute)
+    setattr(owner, attribute, torch.nn.ModuleList(list(blocks)[:num_layers]))
+    model.config.num_hidden_layers = num_layers
 
 
 def read_provenance(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,0 +1,201 @@
+"""Training-step time and peak memory of every method, side by side in one run.
+
+Times are medians over a few steps after warm-up, quoted as ratios to the frozen backbone's forward pass (the
+floor) and to VPT, because the machine is noisy: only ratios measured in the same run are comparable. Each
+method runs in a fresh subprocess so its peak resident memory is its own.
+
+    python bench/speed.py --quick            # ViT-S/16 shape, 112 px, batch 8 classes x 2 (CPU, ~2 min)
+    python bench/speed.py --image-size 224 --classes-per-batch 32 --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+METHODS = (
+    "frozen-forward",
+    "linear",
+    "vpt",
+    "vpt-bitfit",
+    "vptsp-m",
+    "vptsp-g",
+    "vptsp-g-1img",
+    "full-finetune",
+)
+
+
+@dataclass
+class Setting:
+    image_size: int
+    classes_per_batch: int
+    samples_per_class: int
+    steps: int
+    warmup: int
+    device: str
+    dtype: str
+    hidden_size: int
+    layers: int
+    heads: int
+    num_prompts: int
+    num_classes: int
+
+
+def _build(method: str, setting: Setting):
+    import torch
+    from peft import get_peft_model
+    from transformers import ViTConfig, ViTModel
+
+    import vpdml
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=setting.hidden_size,
+        num_hidden_layers=setting.layers,
+        num_attention_heads=setting.heads,
+        intermediate_size=4 * setting.hidden_size,
+        image_size=setting.image_size,
+        patch_size=16,
+        attn_implementation="sdpa",
+    )
+    backbone = ViTModel(config, add_pooling_layer=False)
+    if method == "frozen-forward":
+        return backbone.requires_grad_(False)
+    if method == "full-finetune":
+        return vpdml.FullFineTuningDML(backbone, num_classes=setting.num_classes)
+    name, overrides = method, {}
+    if method == "vptsp-g-1img":
+        name, overrides = "vptsp-g", {"semantic_images_per_class": 1}
+    peft_config = vpdml.VisualPromptDMLConfig.for_method(
+        name, num_classes=setting.num_classes, num_prompts=setting.num_prompts, **overrides
+    )
+    return get_peft_model(backbone, peft_config)
+
+
+def _run_one(method: str, setting: Setting) -> dict[str, float]:
+    """Runs inside the subprocess: time `steps` training steps (or forward passes for the floor)."""
+    import torch
+
+    model = _build(method, setting).to(setting.device).train()
+    batch = setting.classes_per_batch * setting.samples_per_class
+    pixels = torch.randn(batch, 3, setting.image_size, setting.image_size, device=setting.device)
+    labels = torch.arange(setting.classes_per_batch, device=setting.device).repeat_interleave(
+        setting.samples_per_class
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[setting.dtype]
+
+    def step() -> None:
+        with torch.autocast(setting.device, dtype=dtype, enabled=dtype is not None):
+            if method == "frozen-forward":
+                with torch.no_grad():
+                    model(pixel_values=pixels)
+                return
+            loss = model.dml_loss(pixels, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for index in range(setting.warmup + setting.steps):
+        if setting.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if setting.device == "cuda":
+            torch.cuda.synchronize()
+        if index >= setting.warmup:
+            times.append(time.perf_counter() - start)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if setting.device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    trainable = sum(p.numel() for p in params)
+    return {"step_s": statistics.median(times), "peak_mib": peak, "trainable": trainable, "images": batch}
+
+
+def _measure(method: str, setting: Setting) -> dict[str, float]:
+    payload = json.dumps({"method": method, "setting": setting.__dict__})
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", payload], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{method} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_table(results: dict[str, dict[str, float]]) -> None:
+    floor = results["frozen-forward"]["step_s"]
+    vpt = results.get("vpt", {}).get("step_s")
+    print(
+        "| method | step (ms) | x frozen forward | x VPT | images/s | peak memory (MiB) | trainable params |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for method, row in results.items():
+        step = row["step_s"]
+        ratio_vpt = f"{step / vpt:.2f}" if vpt else "-"
+        print(
+            f"| {method} | {1000 * step:.0f} | {step / floor:.2f} | {ratio_vpt} | {row['images'] / step:.1f} | "
+            f"{row['peak_mib']:.0f} | {int(row['trainable']):,} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="CPU-sized run: 112 px, 8 classes x 2, 3 steps")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--classes-per-batch", type=int, default=32)
+    parser.add_argument("--samples-per-class", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--hidden-size", type=int, default=384, help="384 = ViT-S, 768 = ViT-B")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--num-prompts", type=int, default=10)
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        job = json.loads(args.worker)
+        print(json.dumps(_run_one(job["method"], Setting(**job["setting"]))))
+        return
+    if args.quick:
+        args.image_size, args.classes_per_batch, args.steps, args.warmup = 112, 8, 3, 1
+    setting = Setting(
+        image_size=args.image_size,
+        classes_per_batch=args.classes_per_batch,
+        samples_per_class=args.samples_per_class,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        dtype=args.dtype,
+        hidden_size=args.hidden_size,
+        layers=args.layers,
+        heads=args.heads,
+        num_prompts=args.num_prompts,
+        num_classes=args.num_classes,
+    )
+    methods = ["frozen-forward", *[m for m in args.methods if m != "frozen-forward"]]
+    print(f"setting: {setting.__dict__}", flush=True)
+    results = {}
+    for method in methods:
+        results[method] = _measure(method, setting)
+        print(f"  {method}: {1000 * results[method]['step_s']:.0f} ms/step", file=sys.stderr, flush=True)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
