@@ -280,6 +280,15 @@ def load_trained_model(adapter: str, backbone: str | None = None) -> tuple[Any, 
     return PeftModel.from_pretrained(load_backbone(name), str(path)).eval(), name
 
 
+def trained_image_size(adapter: str) -> int | None:
+    """The evaluation crop size recorded by `vpdml train` in the adapter folder's metrics.json, if any."""
+    metrics_path = Path(adapter) / "metrics.json"
+    if not metrics_path.is_file():
+        return None
+    size = json.loads(metrics_path.read_text()).get("image_size")
+    return int(size) if size else None
+
+
 def _eval_transform(model: Any, backbone_name: str | None, image_size: int | None) -> Any:
     from .data import transforms_from_processor
     from .training import load_image_processor
@@ -301,7 +310,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--backbone",
         help="Backbone to load the adapter onto (default: the adapter's base_model_name_or_path).",
     )
-    parser.add_argument("--image-size", type=int, help="Crop size (default: the image processor's).")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="Crop size (default: the size the adapter was trained at, from its metrics.json; else the image processor's).",
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="Images per forward pass (default: 128).")
     parser.add_argument(
         "--zero-shot",
@@ -348,7 +361,8 @@ def run_evaluate(namespace: argparse.Namespace) -> dict[str, dict[str, float]]:
     from .metrics import format_metrics_table
 
     model, backbone_name = load_trained_model(namespace.adapter, namespace.backbone)
-    transform = _eval_transform(model, backbone_name, namespace.image_size)
+    image_size = namespace.image_size or trained_image_size(namespace.adapter)
+    transform = _eval_transform(model, backbone_name, image_size)
     splits = load_splits(namespace.dataset, namespace.data_dir, namespace.validation_classes, namespace.seed)
     names = ["validation", "test"] if namespace.split == "all" else [namespace.split]
     if namespace.split == "all" and splits.validation is None:
@@ -445,7 +459,8 @@ def run_embed(namespace: argparse.Namespace) -> Path:
     if out.suffix not in (".safetensors", ".npz"):
         raise ValueError(f"--out must end in .safetensors or .npz, got {out.name!r}.")
     model, backbone_name = load_trained_model(namespace.adapter, namespace.backbone)
-    transform = _eval_transform(model, backbone_name, namespace.image_size)
+    image_size = namespace.image_size or trained_image_size(namespace.adapter)
+    transform = _eval_transform(model, backbone_name, image_size)
     source = Path(namespace.images)
     if source.is_dir():
         dataset, paths = image_folder_dataset(source)

