@@ -33,11 +33,17 @@ OffsetLookup = Callable[[str], "torch.Tensor | None"]
 
 
 def add_bias_offset(output: torch.Tensor, offset: torch.Tensor, *, channels_first: bool) -> torch.Tensor:
-    """Add a per-channel offset to a Linear/LayerNorm output (channels last) or a Conv2d output (channels first)."""
+    """Add a per-channel offset to a Linear/LayerNorm output (channels last) or a Conv2d output (channels first).
+
+    ``offset`` is ``(D,)`` for the whole batch, or ``(B, D)``: one row per sample (mixed-adapter batches).
+    """
     offset = offset.to(output.dtype)
+    batch = offset.shape[0] if offset.dim() == 2 else 1
+    channels = offset.shape[-1]
+    spatial = [1] * (output.dim() - 2)
     if channels_first:
-        return output + offset.view(1, -1, *([1] * (output.dim() - 2)))
-    return output + offset
+        return output + offset.view(batch, channels, *spatial)
+    return output + offset.view(batch, *spatial, channels)
 
 
 def install_bias_hooks(modules: dict[str, nn.Module], lookup: OffsetLookup) -> list[RemovableHandle]:

@@ -17,7 +17,7 @@ transformers version keeps the blocks):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,6 +34,9 @@ from .losses import proxy_anchor_loss
 from .prompts import VisualPrompts, prompt_schedule
 from .proxies import ProxyBank, _rank_within_class
 from .registration import PREFIX
+
+#: ``lookup(canonical bias name) -> (B, D) per-sample offsets or None``, for mixed-adapter batches.
+BiasLookup = Callable[[str], "torch.Tensor | None"]
 
 INFERENCE_CONTAINERS: tuple[str, ...] = ("vpdml_prompts", "vpdml_head", "vpdml_bitfit")
 TRAINING_CONTAINER = "dml_proxies"
@@ -109,7 +112,7 @@ class VisualPromptDMLModel(BaseTuner):
                 blocks[index] = PromptedBlock(block, index, self._router)
         self._biased_modules = biased_modules(model, info)
         self._bias_hooks = install_bias_hooks(self._biased_modules, self._active_bias_offset)
-        self._bias_adapter: str | None = None
+        self._bias_adapter: str | BiasLookup | None = None
         for container in ADAPTER_CONTAINERS:
             self.add_module(container, nn.ModuleDict())
 
@@ -149,15 +152,18 @@ class VisualPromptDMLModel(BaseTuner):
     def _active_bias_offset(self, canonical_name: str) -> torch.Tensor | None:
         if not self._adapters_enabled:
             return None
+        if callable(self._bias_adapter):  # a mixed-adapter batch: one offset row per sample
+            return self._bias_adapter(canonical_name)
         adapter = self._bias_adapter or self.active_adapter
         offsets = self.vpdml_bitfit[adapter] if adapter in self.vpdml_bitfit else None  # noqa: SIM401 (ModuleDict has no .get)
         return None if offsets is None else offsets.get(canonical_name)
 
     @contextlib.contextmanager
-    def _route(self, provider: PromptProvider | None, adapter_name: str) -> Iterator[None]:
-        """Temporarily use ``provider``'s prompts and ``adapter_name``'s bias offsets."""
+    def _route(self, provider: PromptProvider | None, bias: str | BiasLookup) -> Iterator[None]:
+        """Temporarily use ``provider``'s prompts and the bias offsets of ``bias`` (an adapter name, or a lookup
+        returning per-sample offsets)."""
         previous = (self._router.provider, self._bias_adapter)
-        self._router.provider, self._bias_adapter = provider, adapter_name
+        self._router.provider, self._bias_adapter = provider, bias
         try:
             yield
         finally:
@@ -168,8 +174,18 @@ class VisualPromptDMLModel(BaseTuner):
         """Pooled feature of the backbone's final norm with whatever prompts are routed right now."""
         return pooled_features(self.model, self.backbone_info, pixel_values, pooling)
 
-    def embed(self, pixel_values: torch.Tensor, *, adapter_name: str | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        pixel_values: torch.Tensor,
+        *,
+        adapter_name: str | None = None,
+        adapter_names: Sequence[str] | None = None,
+    ) -> torch.Tensor:
         """L2-normalised ``(B, E)`` embeddings: what retrieval uses.
+
+        ``adapter_names`` (one name per image, PEFT's convention for mixed-adapter batches) embeds each image with
+        its own adapter's prompts, BitFit offsets and head. Adapters with the same prompt counts share one backbone
+        pass; otherwise the batch is split into one pass per adapter. The adapters must share ``embedding_dim``.
 
         Inside ``with model.disable_adapter():`` this returns the frozen backbone's normalised pooled feature
         (``(B, D)``), i.e. the zero-shot baseline.
@@ -182,12 +198,73 @@ class VisualPromptDMLModel(BaseTuner):
                 else "cls"
             )
             return nn.functional.normalize(self.backbone_features(pixel_values, pooling).float(), dim=-1)
+        if adapter_names is not None:
+            if adapter_name is not None:
+                raise ValueError(
+                    "Pass either adapter_name (whole batch) or adapter_names (one per image), not both."
+                )
+            return self._embed_mixed(pixel_values, list(adapter_names))
         adapter = self._resolve_adapter(adapter_name)
         config = self.peft_config[adapter]
         provider = _layer_prompts_provider(self.vpdml_prompts[adapter])
         with self._route(provider, adapter):
             features = self.backbone_features(pixel_values, config.pooling)
         return self.vpdml_head[adapter](features)
+
+    def _embed_mixed(self, pixel_values: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        if len(adapter_names) != pixel_values.shape[0]:
+            raise ValueError(
+                f"adapter_names needs one adapter per image: got {len(adapter_names)} names for "
+                f"{pixel_values.shape[0]} images."
+            )
+        adapters = [self._resolve_adapter(name) for name in dict.fromkeys(adapter_names)]
+        dims = {self.peft_config[name].embedding_dim for name in adapters}
+        if len(dims) > 1:
+            raise ValueError(
+                f"Adapters {adapters} have different embedding_dim {sorted(dims)}: one batch can only mix adapters "
+                "whose embeddings have the same size. Embed them in separate calls."
+            )
+        if len(adapters) == 1:
+            return self.embed(pixel_values, adapter_name=adapters[0])
+        which = torch.tensor([adapters.index(name) for name in adapter_names], device=pixel_values.device)
+        groups = [torch.nonzero(which == i, as_tuple=True)[0] for i in range(len(adapters))]
+        shares_pass = (
+            len({tuple(self.vpdml_prompts[name].counts) for name in adapters}) == 1
+            and len({self.peft_config[name].pooling for name in adapters}) == 1
+        )
+        embeddings = pixel_values.new_empty(pixel_values.shape[0], dims.pop(), dtype=torch.float32)
+        if not shares_pass:  # prompt sequences of different lengths: one backbone pass per adapter
+            for name, rows in zip(adapters, groups, strict=True):
+                embeddings[rows] = self.embed(pixel_values[rows], adapter_name=name)
+            return embeddings
+        with self._route(
+            self._mixed_prompt_provider(adapters, which), self._mixed_bias_lookup(adapters, which)
+        ):
+            features = self.backbone_features(pixel_values, self.peft_config[adapters[0]].pooling)
+        for name, rows in zip(adapters, groups, strict=True):
+            embeddings[rows] = self.vpdml_head[name](features[rows])
+        return embeddings
+
+    def _mixed_prompt_provider(self, adapters: list[str], which: torch.Tensor) -> PromptProvider:
+        def provider(layer_index: int, batch_size: int) -> torch.Tensor | None:
+            prompts = [self.vpdml_prompts[name].for_layer(layer_index) for name in adapters]
+            return None if prompts[0] is None else torch.stack(prompts)[which]
+
+        return provider
+
+    def _mixed_bias_lookup(self, adapters: list[str], which: torch.Tensor) -> BiasLookup:
+        def lookup(canonical_name: str) -> torch.Tensor | None:
+            offsets = [
+                self.vpdml_bitfit[name].get(canonical_name) if name in self.vpdml_bitfit else None
+                for name in adapters
+            ]
+            if all(offset is None for offset in offsets):
+                return None
+            bias = self._biased_modules[canonical_name].bias
+            rows = [bias.new_zeros(bias.shape) if offset is None else offset for offset in offsets]
+            return torch.stack(rows)[which]
+
+        return lookup
 
     # ---------------------------------------------------------------------------------------------------- loss
     def dml_loss(
@@ -367,6 +444,8 @@ class VisualPromptDMLModel(BaseTuner):
                 f"pixel_values must have shape (B, {channels}, H, W), got {tuple(pixel_values.shape)}. Use the "
                 "backbone's image processor or vpdml.data transforms to turn images into tensors."
             )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values is an empty batch (B = 0): pass at least one image.")
         if not pixel_values.is_floating_point():
             raise ValueError(
                 f"pixel_values must be floating point (normalised images), got {pixel_values.dtype}. Convert uint8 "
