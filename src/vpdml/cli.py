@@ -1,4 +1,4 @@
-"""The ``vpdml`` command line: ``train``, ``evaluate``, ``embed`` and ``demo``.
+"""The ``vpdml`` command line: ``train``, ``evaluate``, ``embed``, ``index build``, ``search`` and ``demo``.
 
 Examples::
 
@@ -6,6 +6,8 @@ Examples::
     accelerate launch -m vpdml.cli train --dataset sop --data-dir ./Stanford_Online_Products --recipe sop ...
     vpdml evaluate --adapter runs/cub --dataset cub200
     vpdml embed --adapter runs/cub --images ./photos --out photos.safetensors
+    vpdml index build --adapter runs/cub --images ./photos --out photos.index
+    vpdml search --index photos.index query.jpg -k 10
     vpdml demo
 
 Every :class:`vpdml.training.TrainingArguments` field and the adapter options of
@@ -494,6 +496,132 @@ def run_embed(namespace: argparse.Namespace) -> Path:
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# index build, search
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_index_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--adapter",
+        required=required,
+        help="Folder written by `vpdml train` / save_pretrained, or a Hub repo id (owner/name)"
+        + ("." if required else " (default: the adapter the index was built with)."),
+    )
+    parser.add_argument("--backbone", help="Backbone to load the adapter onto (default: its base model).")
+    parser.add_argument(
+        "--image-size", type=int, help="Crop size (default: the adapter's training size, as `vpdml embed`)."
+    )
+    parser.add_argument("--batch-size", type=int, default=128, help="Images per forward pass (default: 128).")
+
+
+def add_index_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    actions = parser.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    build = actions.add_parser(
+        "build",
+        help="embed a folder of images (or a Hub dataset) into a searchable index folder",
+        description="Embed every image under --images with an adapter and write a gallery index (embeddings as "
+        "safetensors, ids/paths/adapter identity as JSON) to --out. See docs/retrieval.md.",
+    )
+    _add_index_model_arguments(build, required=True)
+    build.add_argument(
+        "--images", required=True, help="A folder of images (searched recursively) or a Hub dataset id."
+    )
+    build.add_argument("--out", required=True, help="Index folder to write.")
+    build.add_argument("--split", default="train", help="Split of a Hub dataset (default: train).")
+    build.add_argument("--image-column", default="image", help="Image column of a Hub dataset.")
+    return parser
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--index", required=True, help="Index folder written by `vpdml index build`.")
+    parser.add_argument("queries", nargs="+", metavar="QUERY", help="Query image file(s).")
+    parser.add_argument("-k", type=int, default=10, help="Results per query (default: 10).")
+    _add_index_model_arguments(parser, required=False)
+    return parser
+
+
+def _load_for_index(adapter: str, backbone: str | None, image_size: int | None) -> tuple[Any, Any, Any, dict]:
+    """``(model, eval transform, AdapterIdentity, info)`` of an adapter folder or Hub repo."""
+    from .hub import resolve_adapter_path
+    from .index import AdapterIdentity
+
+    model, backbone_name = load_trained_model(adapter, backbone)
+    image_size = image_size or trained_image_size(adapter)
+    transform = _eval_transform(model, backbone_name, image_size)
+    local = Path(adapter)
+    if local.is_dir():
+        source, revision = str(local.resolve()), None
+    else:  # a Hub snapshot folder is named after its commit
+        path = resolve_adapter_path(adapter)
+        source, revision = adapter, path.name if path.parent.name == "snapshots" else None
+    identity = AdapterIdentity.of_model(model, name=source, revision=revision, backbone=backbone_name)
+    return (
+        model,
+        transform,
+        identity,
+        {"adapter": source, "backbone": backbone_name, "image_size": image_size},
+    )
+
+
+def run_index(namespace: argparse.Namespace) -> Path:
+    """``vpdml index build``: embed images into an index folder."""
+    from .index import GalleryIndex
+
+    model, transform, identity, info = _load_for_index(
+        namespace.adapter, namespace.backbone, namespace.image_size
+    )
+    source = Path(namespace.images)
+    if source.is_dir():
+        images: Any = source
+    else:
+        images, _ = _hub_images(namespace.images, namespace.split, namespace.image_column, "label")
+    index = GalleryIndex.build(
+        model, images, transform, batch_size=namespace.batch_size, adapter_identity=identity
+    )
+    if not source.is_dir():
+        index.info["images"] = f"{namespace.images}/{namespace.split}"
+    index.info.update(info)
+    out = index.save(namespace.out)
+    print(f"Indexed {len(index)} images ({index.dim}-d embeddings, {identity.describe()}) in {out}")
+    return out
+
+
+def run_search(namespace: argparse.Namespace) -> list[list[tuple[float, str]]]:
+    """``vpdml search``: print the ``-k`` nearest gallery images of each query image."""
+    from PIL import Image
+
+    from .index import GalleryIndex, embed_queries
+
+    index = GalleryIndex.load(namespace.index)
+    adapter = namespace.adapter or index.info.get("adapter") or index.adapter_identity.name
+    if not adapter:
+        raise ValueError(f"{namespace.index} does not record its adapter: pass --adapter.")
+    model, transform, identity, _ = _load_for_index(
+        adapter,
+        namespace.backbone or index.info.get("backbone"),
+        namespace.image_size or index.info.get("image_size"),
+    )
+    missing = [path for path in namespace.queries if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"No such query image(s): {', '.join(missing)}")
+    images = []
+    for path in namespace.queries:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    queries = embed_queries(
+        model, images, transform, batch_size=namespace.batch_size, adapter_identity=identity
+    )
+    scores, ids = index.search(queries, namespace.k)
+    results = []
+    for query, row_scores, row_ids in zip(namespace.queries, scores.tolist(), ids, strict=True):
+        print(f"\nquery: {query}\n\n| rank | score | image |\n|---:|---:|---|")
+        for rank, (score, item) in enumerate(zip(row_scores, row_ids, strict=True), start=1):
+            print(f"| {rank} | {score:.4f} | {index.metadata.get(item, {}).get('path', item)} |")
+        results.append(list(zip(row_scores, row_ids, strict=True)))
+    return results
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -543,6 +671,21 @@ def build_parser() -> argparse.ArgumentParser:
             description="Write L2-normalised embeddings of a folder of images (or a Hub dataset) to a file.",
         )
     )
+    add_index_arguments(
+        commands.add_parser(
+            "index",
+            help="build a gallery index of images for `vpdml search`",
+            description="Gallery indexes: `vpdml index build --adapter A --images DIR --out INDEX`.",
+        )
+    )
+    add_search_arguments(
+        commands.add_parser(
+            "search",
+            help="find the images of an index most similar to query images",
+            description="Embed query images with the index's adapter and print the -k most similar gallery images "
+            "(rank, cosine score, path). A query embedded with another adapter is refused.",
+        )
+    )
     commands.add_parser(
         "demo",
         help="offline end-to-end demo (built-in backbone and emoji benchmark); `vpdml demo --help` for options",
@@ -567,10 +710,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     namespace = build_parser().parse_args(argv)
     import vpdml  # noqa: F401  registers the PEFT type before any adapter is loaded
 
-    handlers = {"train": run_train, "evaluate": run_evaluate, "embed": run_embed}
+    handlers = {
+        "train": run_train,
+        "evaluate": run_evaluate,
+        "embed": run_embed,
+        "index": run_index,
+        "search": run_search,
+    }
     try:
         handlers[namespace.command](namespace)
-    except (ValueError, FileNotFoundError, KeyError) as error:  # user errors: a message, not a traceback
+    # user errors (and a diverged run: NonFiniteLossError is a FloatingPointError): a message, not a traceback
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as error:
         print(f"vpdml {namespace.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -106,6 +106,28 @@ def has_row_sparse_parameters(module: nn.Module, *, trainable_only: bool = True)
 class _RowSparseOptimizer(Optimizer):
     """Shared bookkeeping: dispatch dense vs row-sparse gradients, the decay clock, dtype-exact state loading."""
 
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Ordinary parameters take the dense update, row-sparse ones only update the rows in their gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            dense = [p for p in group["params"] if p.grad is not None and not p.grad.is_sparse]
+            sparse = [p for p in group["params"] if p.grad is not None and p.grad.is_sparse]
+            if dense:
+                self._dense_step(dense, group)
+            for param in sparse:
+                self._sparse_step(param, group)
+        return loss
+
+    def _dense_step(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _sparse_step(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
     def _decay_factor(self, group: dict[str, Any]) -> float:
         lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
         if lr * weight_decay >= 1.0:
@@ -194,21 +216,6 @@ class RowSparseAdamW(_RowSparseOptimizer):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}.")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            dense = [p for p in group["params"] if p.grad is not None and not p.grad.is_sparse]
-            sparse = [p for p in group["params"] if p.grad is not None and p.grad.is_sparse]
-            if dense:
-                self._dense_step(dense, group)
-            for param in sparse:
-                self._sparse_step(param, group)
-        return loss
-
     def _dense_step(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
         for param in params:
             self._check_dense_state(param)
@@ -294,21 +301,6 @@ class RowSparseSGD(_RowSparseOptimizer):
             "nesterov": nesterov,
         }
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            dense = [p for p in group["params"] if p.grad is not None and not p.grad.is_sparse]
-            sparse = [p for p in group["params"] if p.grad is not None and p.grad.is_sparse]
-            if dense:
-                self._dense_step(dense, group)
-            for param in sparse:
-                self._sparse_step(param, group)
-        return loss
 
     def _dense_step(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
         for param in params:
