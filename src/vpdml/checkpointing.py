@@ -143,7 +143,13 @@ def load_model_weights(model: nn.Module, directory: Path, *, with_training_state
     """Load what :func:`save_model_weights` wrote into ``model``, in place, checking that every key matched."""
     if isinstance(model, PeftModel):
         state = _load_safetensors(directory / ADAPTER_WEIGHTS_FILE)
-        result = set_peft_model_state_dict(model, state, adapter_name=model.active_adapter)
+        try:
+            result = set_peft_model_state_dict(model, state, adapter_name=model.active_adapter)
+        except (RuntimeError, ValueError) as error:  # a size mismatch or vpdml's tensor check: name the file
+            raise ValueError(
+                f"{directory / ADAPTER_WEIGHTS_FILE} does not fit this adapter (edited, or saved with another "
+                f"config?): {error}"
+            ) from error
         adapter_keys = {key for key in result.missing_keys if ".vpdml_" in key or key.startswith("vpdml_")}
         if result.unexpected_keys or adapter_keys:
             raise ValueError(

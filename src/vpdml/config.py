@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -14,6 +15,10 @@ SemanticProxyKind = Literal["none", "ema", "gru"]
 PoolingKind = Literal["cls", "mean"]
 PositiveAverage = Literal["classes_with_positives", "all_classes"]
 ClassPromptStorage = Literal["auto", "dense", "sparse", "low_rank"]
+
+#: Fields an ``adapter_config.json`` must hold: they fix the shapes of the saved weights (or, for ``pooling``, what
+#: the embedding reads), so a default in their place would fail later with a bare size mismatch or embed wrongly.
+REQUIRED_SAVED_FIELDS = ("num_prompts", "prompt_depth", "prompt_step", "embedding_dim", "pooling", "bitfit")
 
 #: The baselines of the paper, as overrides of the config defaults. ``full-finetune`` is not a PEFT adapter:
 #: see :class:`vpdml.FullFineTuningDML`.
@@ -220,6 +225,33 @@ class VisualPromptDMLConfig(PeftConfig):
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Check the fields read from an ``adapter_config.json`` (PEFT calls this in ``from_pretrained``).
+
+        A missing weight-shape field (:data:`REQUIRED_SAVED_FIELDS`) raises, naming it; unknown fields (a typo, or
+        a file from a newer vpdml) are dropped with a warning that names them.
+        """
+        kwargs = super().check_kwargs(**kwargs)
+        if kwargs.get("peft_type", VPDML_PEFT_TYPE) != VPDML_PEFT_TYPE:
+            return kwargs
+        missing = [name for name in REQUIRED_SAVED_FIELDS if name not in kwargs]
+        if missing:
+            raise ValueError(
+                f"adapter_config.json lacks the field(s) {missing}, which fix the adapter's weight shapes: the file "
+                "is incomplete or was edited. Restore it from the run that saved adapter_model.safetensors."
+            )
+        unknown = sorted(set(kwargs) - cls.field_names())
+        if unknown:
+            warnings.warn(
+                f"adapter_config.json has field(s) {unknown} that VisualPromptDMLConfig does not know; they are "
+                "ignored. Check for a typo, or upgrade vpdml if a newer version saved the adapter.",
+                UserWarning,
+                stacklevel=2,
+            )
+            kwargs = {key: value for key, value in kwargs.items() if key not in unknown}
+        return kwargs
 
 
 def _field_error(config: VisualPromptDMLConfig, name: str, allowed: str) -> ValueError:

@@ -431,6 +431,24 @@ class VisualPromptDMLModel(BaseTuner):
                 return key.replace(marker, f"{container}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: VisualPromptDMLConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """PEFT only warns about missing keys and ignores unexpected ones; an adapter file is untrusted input, so
+        every inference tensor must be present, of the right shape, finite, and nothing else may be there."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefixes = tuple(f"{name}.{adapter_name}." for name in INFERENCE_CONTAINERS)
+        expected = {k: v for k, v in model.state_dict().items() if any(p in k for p in prefixes)}
+        _check_adapter_tensors(
+            expected, remapped, lambda key: cls._remove_adapter_name_from_key(key, adapter_name)
+        )
+        return remapped
+
     # ------------------------------------------------------------------------------------------------- checks
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         info = self.backbone_info
@@ -530,3 +548,30 @@ def _check_backbone_signature(config: VisualPromptDMLConfig, info: BackboneInfo)
             "This vpdml adapter was made for a different backbone (" + "; ".join(diffs) + "). Load it onto "
             f"{base} (base_model_name_or_path), e.g. PeftModel.from_pretrained(AutoModel.from_pretrained(...), path)."
         )
+
+
+def _check_adapter_tensors(
+    expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], file_key: Callable[[str], str]
+) -> None:
+    """Refuse an adapter file with missing, unexpected, misshapen or non-finite tensors, naming them as the file
+    does (``file_key`` maps a model key back to its key in the file)."""
+    missing = sorted(file_key(key) for key in set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            "adapter_model.safetensors does not match its adapter_config.json: "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
+            "The file is incomplete, tampered with, or belongs to another adapter; save it again with save_pretrained."
+        )
+    for key, reference in expected.items():
+        tensor = loaded[key]
+        if tensor.shape != reference.shape:
+            raise ValueError(
+                f"adapter_model.safetensors: {file_key(key)} has shape {tuple(tensor.shape)}, the config expects "
+                f"{tuple(reference.shape)}."
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"adapter_model.safetensors: {key} contains NaN or Inf values; the adapter is unusable."
+            )

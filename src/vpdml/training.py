@@ -65,6 +65,7 @@ from .checkpointing import (
     CHECKPOINTS_DIRNAME,
     TRAINER_STATE_FILE,
     atomic_write_json,
+    latest_checkpoint,
     load_model_weights,
     load_optimizer_state,
     load_rng_state,
@@ -106,6 +107,7 @@ from .training_args import METHODS, RECIPES, Recipe, TrainingArguments, trackers
 __all__ = [
     "METHODS",
     "RECIPES",
+    "NonFiniteLossError",
     "Recipe",
     "TrainResult",
     "TrainerState",
@@ -481,6 +483,10 @@ def _metric_row(step: int, epoch: float, split: str, metrics: Mapping[str, float
     return row
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; :func:`train` stops before saving anything computed from it."""
+
+
 class _Trainer:
     """One training run: holds what the small steps of :func:`train` share. Not public: use :func:`train`."""
 
@@ -759,6 +765,9 @@ class _Trainer:
         )
         # Loss is summed on the device (no sync per step) in float64, and read at log and checkpoint time only.
         self._loss_sum = torch.tensor(state.loss_since_log, dtype=torch.float64, device=accelerator.device)
+        # Set on the device when a loss is NaN/Inf (no sync per step); read before anything is logged or saved.
+        self._non_finite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+        self._checked_step = state.global_step
         steps_since_log, window_start = 0, time.perf_counter()
         objective.train()
         for epoch in range(state.epoch, num_epochs):
@@ -783,6 +792,7 @@ class _Trainer:
                 state.micro_step += 1
                 state.batch_in_epoch += 1
                 self._loss_sum += loss.detach().double()
+                self._non_finite |= ~torch.isfinite(loss.detach())
                 state.batches_since_log += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -791,15 +801,18 @@ class _Trainer:
                 bar.update(1)
                 end_of_epoch = state.batch_in_epoch == len(self.sampler)
                 if state.global_step % args.log_every == 0 or state.global_step == state.total_steps:
+                    self._check_finite_loss()
                     elapsed = time.perf_counter() - window_start
                     self._log_training(
                         scheduler.get_last_lr(), images_per_step * steps_since_log / max(elapsed, 1e-9), bar
                     )
                     steps_since_log, window_start = 0, time.perf_counter()
                 if self._eval_due(end_of_epoch):
+                    self._check_finite_loss()
                     self._evaluate_during_training()
                     objective.train()
                 if args.checkpoint_every_steps and state.global_step % args.checkpoint_every_steps == 0:
+                    self._check_finite_loss()
                     self._save_checkpoint(optimizer, scheduler)
                 if self.step_callback is not None:
                     self.step_callback(state)
@@ -808,6 +821,29 @@ class _Trainer:
             else:
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
         bar.close()
+        self._check_finite_loss()
+
+    def _check_finite_loss(self) -> None:
+        """Stop when a loss since the last check was NaN/Inf, before the broken weights are logged or saved.
+
+        Every process computes the same global-batch loss, so all of them stop together.
+        """
+        step = self.state.global_step
+        if not bool(self._non_finite):
+            self._checked_step = step
+            return
+        latest = latest_checkpoint(self.checkpoint_root)
+        kept = (
+            f"The last good checkpoint is kept ({latest}): resume_from_checkpoint='latest' continues from it."
+            if latest is not None
+            else "No checkpoint was written before it (set checkpoint_every_steps to keep one)."
+        )
+        raise NonFiniteLossError(
+            f"Training stopped: the loss became NaN or Inf between optimizer steps {self._checked_step + 1} and "
+            f"{step}, so the weights are no longer usable and nothing was saved from them. {kept} Usual causes: a "
+            "learning rate (or proxy_learning_rate) that is too high, no gradient clipping (max_grad_norm), or fp16 "
+            "overflow (try mixed_precision='bf16' or 'no')."
+        )
 
     def _clip_gradients(self, parameters: list[nn.Parameter]) -> None:
         if self.sparse_parameters:  # torch's clip_grad_norm_ refuses sparse gradients

@@ -164,7 +164,9 @@ class TrainingArguments:
         default=None, metadata={"help": "Upload the adapter, card, metrics and plots to this Hub repo id."}
     )
     hub_token: str | None = field(
-        default=None, metadata={"help": "Hub token (default: the stored login / HF_TOKEN). Never written."}
+        default=None,
+        repr=False,  # never in a repr, a log line or a traceback's locals
+        metadata={"help": "Hub token (default: the stored login / HF_TOKEN). Never written."},
     )
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 

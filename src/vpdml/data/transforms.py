@@ -350,14 +350,30 @@ class DMLTransformDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.dataset[int(index)]
         generator = None
         if self.seed is not None:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, int(index)))
-        return {
-            "pixel_values": self.transform(row[self.image_column], generator),
-            "labels": int(row[self.label_column]),
-        }
+        try:
+            row = self.dataset[int(index)]
+            pixel_values = self.transform(row[self.image_column], generator)
+        except (OSError, SyntaxError) as error:  # PIL: unreadable, truncated or unidentifiable image files
+            source = _image_source(self.dataset, self.image_column, int(index))
+            raise ValueError(
+                f"Image {int(index)} of the dataset{source} cannot be decoded ({error.__class__.__name__}: {error}). "
+                "The file is truncated, corrupt or not an image: re-save or remove it."
+            ) from error
+        return {"pixel_values": pixel_values, "labels": int(row[self.label_column])}
+
+
+def _image_source(dataset: Any, column: str, index: int) -> str:
+    """`` (file <path>)`` for a ``datasets.Image`` column whose row has a path, else ``""`` (best effort)."""
+    try:
+        from datasets import Image as ImageFeature
+
+        raw = dataset.cast_column(column, ImageFeature(decode=False))[index][column]
+        return f" (file {raw['path']})" if raw.get("path") else ""
+    except Exception:  # best effort: it only improves an error message
+        return ""
 
 
 def with_transform(

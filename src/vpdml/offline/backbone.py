@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vpdml.offline.cache import resolve_cache_dir
+from vpdml.offline.cache import publish_staged_dir, resolve_cache_dir
 
 if TYPE_CHECKING:
     import onnx
@@ -483,9 +483,7 @@ def ensure_offline_backbone(
         _write_checkpoint(staging, state, config)
         max_abs_diff = _check_against_onnxruntime(staging, model, as_dinov2=as_dinov2)
         _write_provenance(staging, onnx_path, max_abs_diff, as_dinov2=as_dinov2)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        publish_staged_dir(staging, target, replace=force or not _is_complete_conversion(target))
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -555,9 +553,7 @@ def _ensure_truncated(full: Path, target: Path, num_layers: int, *, force: bool,
         provenance = json.loads((full / PROVENANCE_FILE).read_text())
         provenance["num_layers_kept"] = num_layers
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        publish_staged_dir(staging, target, replace=force or not _is_complete_conversion(target))
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 CACHE_ENV_VAR = "VPDML_CACHE"
@@ -24,3 +25,20 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
     """Turn an optional user-supplied cache directory into an absolute path."""
     chosen = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     return chosen.resolve()
+
+
+def publish_staged_dir(staging: Path, target: Path, *, replace: bool) -> None:
+    """Move a fully built cache entry from ``staging`` into place at ``target``.
+
+    Another process (a second test worker, a benchmark beside the demo) may have published the same entry while
+    this one was building: its copy is kept unless ``replace`` (a forced rebuild, or an outdated entry).
+    """
+    if target.exists():
+        if not replace:
+            return
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        staging.rename(target)
+    except OSError:
+        if not target.exists():  # lost the race to a concurrent publisher: theirs is as good as ours
+            raise

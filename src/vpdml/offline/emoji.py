@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from vpdml.offline.cache import resolve_cache_dir
+from vpdml.offline.cache import publish_staged_dir, resolve_cache_dir
 
 if TYPE_CHECKING:
     import datasets
@@ -346,9 +346,7 @@ def ensure_emoji_dataset(
         dataset.save_to_disk(str(staging))
         timings = {"fetch_s": fetched - started, "build_s": time.perf_counter() - fetched}
         _write_build_info(staging, len(classes), dataset.num_rows, image_size, timings, statistics)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        publish_staged_dir(staging, target, replace=force or not _is_complete_build(target))
     finally:
         if staging.exists():
             shutil.rmtree(staging)
