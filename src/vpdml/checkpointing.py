@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .atomic_io import atomic_write_json
 from .full_finetune import FullFineTuningDML
 from .training_state import (
     TRAINING_STATE_FILE,
@@ -71,21 +71,6 @@ _OPTIMIZER_FORMAT = "vpdml-optimizer/1"
 # --------------------------------------------------------------------------------------------------
 # Small atomic-write helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(payload, file, indent=2)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_json(path: Path) -> Any:

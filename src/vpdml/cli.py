@@ -383,7 +383,9 @@ def run_evaluate(namespace: argparse.Namespace) -> dict[str, dict[str, float]]:
         format_metrics_table({f"{splits.name} {name} ({label})": values for name, values in metrics.items()})
     )
     if namespace.json_path:
-        _atomic_write_text(Path(namespace.json_path), json.dumps(metrics, indent=2))
+        from .atomic_io import atomic_write_json
+
+        atomic_write_json(Path(namespace.json_path), metrics)
     return metrics
 
 
@@ -454,8 +456,8 @@ def run_embed(namespace: argparse.Namespace) -> Path:
     """Embed images with an adapter and write the embeddings (+ labels and paths) to ``--out``."""
     import numpy as np
 
+    from .atomic_io import atomic_save_safetensors
     from .evaluation import embed_dataset
-    from .training_state import atomic_save_safetensors
 
     out = Path(namespace.out)
     if out.suffix not in (".safetensors", ".npz"):
@@ -620,18 +622,6 @@ def run_search(namespace: argparse.Namespace) -> list[list[tuple[float, str]]]:
             print(f"| {rank} | {score:.4f} | {index.metadata.get(item, {}).get('path', item)} |")
         results.append(list(zip(row_scores, row_ids, strict=True)))
     return results
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------------

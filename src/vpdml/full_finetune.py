@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .architectures import describe_backbone, pooled_features
+from .atomic_io import atomic_save_safetensors
 from .heads import EmbeddingHead
 from .losses import proxy_anchor_loss
 from .proxies import ProxyBank
-from .training_state import atomic_save_safetensors
 
 _HEAD_FILE = "dml_head.safetensors"
 _HEAD_CONFIG = "dml_head_config.json"

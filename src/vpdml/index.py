@@ -24,7 +24,6 @@ never a mix; :meth:`GalleryIndex.load` checks the digest, so a truncated or edit
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic_io import atomic_write_bytes
 from .metrics import nearest_neighbors
 
 __all__ = [
@@ -438,7 +438,7 @@ class GalleryIndex:
         blob = save({"embeddings": self.embeddings.contiguous()}, metadata={"format": INDEX_FORMAT})
         sha = hashlib.sha256(blob).hexdigest()
         name = f"embeddings-{sha[:16]}.safetensors"
-        _atomic_write_bytes(directory / name, blob)
+        atomic_write_bytes(directory / name, blob)
         record = {
             "format": INDEX_FORMAT,
             "embeddings_file": name,
@@ -451,7 +451,7 @@ class GalleryIndex:
             "metadata": {item: self.metadata[item] for item in self.ids if item in self.metadata},
         }
         record["record_sha256"] = _record_digest(record)
-        _atomic_write_bytes(directory / INDEX_FILE, json.dumps(record, indent=1).encode())
+        atomic_write_bytes(directory / INDEX_FILE, json.dumps(record, indent=1).encode())
         for stale in directory.glob("embeddings-*.safetensors"):  # files of earlier saves
             if stale.name != name:
                 stale.unlink(missing_ok=True)
@@ -540,27 +540,3 @@ def _metadata_by_id(
 
 def _record_digest(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-@functools.cache
-def _umask() -> int:
-    umask = os.umask(0o022)  # reading the umask means setting it: done once, and put back at once
-    os.umask(umask)
-    return umask
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename; permissions follow the umask (mkstemp's are 0600)."""
-    import tempfile
-
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from .atomic_io import atomic_save_safetensors
 
 TRAINING_STATE_FILE = "vpdml_training_state.safetensors"
 _FORMAT = "vpdml-training-state/1"
@@ -32,21 +33,6 @@ def training_state_dict(model: nn.Module, adapter_name: str | None = None) -> di
     if adapter not in tuner.dml_proxies:
         return {}
     return {key: value.detach() for key, value in tuner.dml_proxies[adapter].state_dict().items()}
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_training_state(
