@@ -32,14 +32,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .atomic_io import atomic_write_json
+from .atomic_io import atomic_save_safetensors, atomic_write_json
 from .full_finetune import FullFineTuningDML
-from .training_state import (
-    TRAINING_STATE_FILE,
-    atomic_save_safetensors,
-    load_training_state,
-    save_training_state,
-)
+from .training_state import TRAINING_STATE_FILE, load_training_state, save_training_state
 
 __all__ = [
     "CHECKPOINTS_DIRNAME",
