@@ -18,6 +18,7 @@ evaluation) is its own. Step time is the median wall time between optimizer step
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import resource
@@ -55,6 +56,8 @@ class Budget:
     proxy_learning_rate: float = 1e-2
     num_prompts: int = 10
     class_prompts: int = 3
+    semantic_images_per_class: int = 1
+    proxy_mix_alpha: float | None = None  # None: the method preset's alpha
     embedding_dim: int = 384
     split_seed: int = 0
     seeds: dict[str, list[int]] = field(default_factory=dict)
@@ -162,7 +165,11 @@ def run_one(method: str, seed: int, budget: Budget) -> dict[str, Any]:
     if method not in ("full-finetune", "linear"):
         overrides["num_prompts"] = budget.num_prompts
     if method.startswith("vptsp"):
-        overrides.update(class_prompts=budget.class_prompts, semantic_images_per_class=1)
+        overrides.update(
+            class_prompts=budget.class_prompts, semantic_images_per_class=budget.semantic_images_per_class
+        )
+        if budget.proxy_mix_alpha is not None:
+            overrides["proxy_mix_alpha"] = budget.proxy_mix_alpha
     model = build_model(backbone, method, splits.num_train_classes, **overrides)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if method == "full-finetune":
@@ -214,6 +221,7 @@ def run_one(method: str, seed: int, budget: Budget) -> dict[str, Any]:
         "steps": len(stamps),
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": wall,
+        "budget": {k: v for k, v in asdict(budget).items() if k not in ("seeds", "smoke")},
     }
 
 
@@ -225,6 +233,22 @@ def _measure(method: str, seed: int, budget: Budget) -> dict[str, Any]:
     if result.returncode != 0:
         raise RuntimeError(f"{method} (seed {seed}) failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _set_budget_field(budget: Budget, assignment: str) -> None:
+    """Apply one ``FIELD=VALUE`` override, parsed as the field's type (``none`` clears an optional field)."""
+    name, _, value = assignment.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(Budget) if f.name not in ("seeds", "smoke")}
+    if name not in fields or not value:
+        raise SystemExit(f"--set expects FIELD=VALUE with FIELD one of {sorted(fields)}, got {assignment!r}.")
+    current = getattr(budget, name)
+    if value.lower() == "none":
+        parsed: Any = None
+    elif isinstance(current, int) and not isinstance(current, bool):
+        parsed = int(value)
+    else:
+        parsed = float(value)
+    setattr(budget, name, parsed)
 
 
 # ------------------------------------------------------------------------------------------ table
@@ -286,6 +310,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, help="override the mode's epochs")
     parser.add_argument("--train-classes", type=int, help="override the mode's training classes")
     parser.add_argument("--test-classes", type=int, help="override the mode's test classes")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any budget field, e.g. --set learning_rate=3e-4 head_warmup_epochs=30 (sweeps)",
+    )
     parser.add_argument("--json", help="also write every run's numbers to this file")
     parser.add_argument(
         "--table", nargs="+", metavar="JSON", help="print the table of earlier runs (--json files) and exit"
@@ -303,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("epochs", "train_classes", "test_classes"):
         if getattr(args, name) is not None:
             setattr(budget, name, getattr(args, name))
+    for assignment in args.set:
+        _set_budget_field(budget, assignment)
     default_seeds = [0, 1, 2]
     seeds = {m: args.seeds or budget.seeds.get(m, default_seeds) for m in args.methods}
     print(f"budget: {asdict(budget) | {'seeds': seeds}}", flush=True)

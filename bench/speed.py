@@ -31,6 +31,8 @@ METHODS = (
     "vptsp-m",
     "vptsp-g",
     "vptsp-g-1img",
+    "vptsp-g-1img-eq",
+    "vptsp-g-1img-eq-fused",
     "full-finetune",
     "vptsp-g-embed",
 )
@@ -78,8 +80,12 @@ def _build(method: str, setting: Setting):
     if method == "full-finetune":
         return vpdml.FullFineTuningDML(backbone, num_classes=setting.num_classes)
     name, overrides = method, {}
-    if method == "vptsp-g-1img":
+    if method.startswith("vptsp-g-1img"):
         name, overrides = "vptsp-g", {"semantic_images_per_class": 1}
+    if method.startswith(
+        "vptsp-g-1img-eq"
+    ):  # as many class prompts as shared prompts: one fused pass possible
+        overrides.update(class_prompts=setting.num_prompts, fuse_proxy_pass=method.endswith("-fused"))
     if method == "vptsp-g-embed":
         name = "vptsp-g"
     if name != "linear":  # an explicit num_prompts would override the linear preset's 0 (no prompts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,13 +39,61 @@ def test_speed_prints_its_table_on_a_tiny_vit():
 def test_accuracy_smoke_prints_its_table(tmp_path):
     report = tmp_path / "runs.json"
     out = _run(
-        "accuracy.py", "--smoke", "--methods", "linear", "vptsp-g", "full-finetune", "--json", str(report)
+        "accuracy.py",
+        *("--smoke", "--methods", "linear", "vptsp-g", "full-finetune", "--json", str(report)),
+        *("--set", "learning_rate=3e-4", "proxy_mix_alpha=0.25"),
     )
     header = "| method | seeds | R@1 | R@4 | MAP@R | trainable params | % of backbone | inference adapter |"
     assert header in out
     for name in ("zero-shot backbone", "linear probe", "VPTSP-G", "full fine-tuning"):
         assert f"| {name} |" in out
-    assert report.is_file()
+    runs = json.loads(report.read_text())
+    assert [r["method"] for r in runs] == ["linear", "vptsp-g", "full-finetune"]
+    assert all(r["budget"]["learning_rate"] == 3e-4 and r["budget"]["proxy_mix_alpha"] == 0.25 for r in runs)
+
+
+def test_accuracy_set_rejects_unknown_fields():
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "accuracy.py"), "--smoke", "--set", "learning_rat=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "--set expects FIELD=VALUE with FIELD one of" in result.stderr
+
+
+@pytest.mark.slow
+def test_profile_step_attributes_time_to_phases():
+    out = _run(
+        "profile_step.py",
+        *("--hidden-size", "32", "--layers", "2", "--heads", "2", "--image-size", "32", "--num-prompts", "2"),
+        *(
+            "--classes-per-batch",
+            "2",
+            "--steps",
+            "1",
+            "--methods",
+            "vpt",
+            "vptsp-g-1img",
+            "vptsp-g-1img-eq-fused",
+        ),
+    )
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines() if "|" in line
+    }
+
+    def ms(row: str) -> list[float]:
+        return [float(cell.strip(" |")) for cell in rows[row][:3]]
+
+    assert (
+        ms("forward: proxy pass (class prompts)")[0] == 0 and ms("forward: proxy pass (class prompts)")[1] > 0
+    )
+    assert (
+        ms("forward: fused sample + proxy pass")[2] > 0
+        and ms("forward: sample pass (shared prompts)")[2] == 0
+    )
+    assert all(value > 0 for value in ms("backward (all of it)"))
+    assert "Top operators, vpt" in out
 
 
 def test_speed_linear_row_has_no_prompts():

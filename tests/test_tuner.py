@@ -283,3 +283,58 @@ def test_peft_loads_an_adapter_from_a_hub_snapshot_offline(tmp_path, monkeypatch
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     again = PeftModel.from_pretrained(tiny_vit(0), "me/vit-tiny-vptsp", cache_dir=str(cache)).eval()
     torch.testing.assert_close(again.embed(pixels), expected)
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2", "clip"])
+@pytest.mark.parametrize(
+    ("semantic", "per_class", "storage", "bitfit"),
+    [("gru", None, "dense", True), ("gru", 1, "sparse", False), ("ema", 1, "dense", True)],
+)
+def test_fused_proxy_pass_equals_two_passes(kind, semantic, per_class, storage, bitfit, pixels, labels):
+    """Equal prompt counts: one backbone pass over [images; chosen images] = the sample and proxy passes."""
+    results = []
+    for fuse in (True, False):
+        config = VisualPromptDMLConfig(
+            num_prompts=3,
+            class_prompts=3,
+            prompt_step=1,
+            class_prompt_step=1,
+            num_classes=5,
+            embedding_dim=16,
+            bitfit=bitfit,
+            semantic_proxies=semantic,
+            semantic_images_per_class=per_class,
+            class_prompt_storage=storage,
+            fuse_proxy_pass=fuse,
+        )
+        model = get_peft_model(tiny_backbone(kind), config).train()
+        bank = model.base_model.dml_proxies["default"]
+        assert model.base_model._can_fuse_proxy_pass("default", bank, config) == fuse
+        output = model.dml_loss(pixels, labels, return_outputs=True)
+        output.loss.backward()
+        grads = {
+            n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+            for n, p in model.named_parameters()
+            if p.grad is not None
+        }
+        state = {k: v.clone() for k, v in model.base_model.dml_proxies["default"].state_dict().items()}
+        results.append((output, grads, state))
+    (fused, fused_grads, fused_state), (separate, separate_grads, separate_state) = results
+    torch.testing.assert_close(fused.loss, separate.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.embeddings, separate.embeddings, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.semantic_embeddings, separate.semantic_embeddings, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == separate_grads.keys() and len(fused_grads) > 3
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], separate_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in fused_state:
+        torch.testing.assert_close(fused_state[name], separate_state[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_unequal_prompt_counts_keep_two_passes():
+    model = make_model(num_prompts=4, class_prompts=2, semantic_proxies="gru")
+    bank = model.base_model.dml_proxies["default"]
+    assert not model.base_model._can_fuse_proxy_pass("default", bank, model.peft_config["default"])
+    same = make_model(num_prompts=2, class_prompts=2, semantic_proxies="gru", fuse_proxy_pass=False)
+    assert not same.base_model._can_fuse_proxy_pass(
+        "default", same.base_model.dml_proxies["default"], same.peft_config["default"]
+    )

@@ -127,6 +127,14 @@ class VisualPromptDMLConfig(PeftConfig):
             "1 roughly halves the proxy pass's cost at batch 'P classes x 2'."
         },
     )
+    fuse_proxy_pass: bool = field(
+        default=True,
+        metadata={
+            "help": "When the class prompts have the same count per layer as the shared prompts (e.g. "
+            "class_prompts == num_prompts), run the sample pass and the proxy pass as one backbone pass over the "
+            "concatenated batch (same results, fewer and larger matmuls). Otherwise the two passes stay separate."
+        },
+    )
     proxy_keep_ratio: float = field(
         default=0.8,
         metadata={
@@ -207,6 +215,8 @@ class VisualPromptDMLConfig(PeftConfig):
                 "cover every row, so it cannot stay in host memory)."
             )
         _check_optional_int(self, "semantic_images_per_class", minimum=1)
+        if not isinstance(self.fuse_proxy_pass, bool):
+            raise _field_error(self, "fuse_proxy_pass", "True or False")
         _check_range(self, "proxy_keep_ratio", 0.0, 1.0, include_high=False)
         _check_range(self, "gru_dropout", 0.0, 1.0, include_high=False)
         _check_range(self, "proxy_mix_alpha", 0.0, 1.0, include_high=True)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+from torch.profiler import record_function
 
 from .architectures import BackboneInfo, biased_modules, describe_backbone, pooled_features
 from .bitfit import BiasOffsets, install_bias_hooks
@@ -289,21 +290,38 @@ class VisualPromptDMLModel(BaseTuner):
             )
         bank: ProxyBank = self.dml_proxies[adapter]
         labels = self._check_labels(labels, pixel_values, bank.num_classes)
-        embeddings = self.embed(pixel_values, adapter_name=adapter)
         semantic, semantic_rows = None, None
-        if bank.uses_semantic_proxies:
+        # record_function scopes name the phases in torch.profiler traces (bench/profile_step.py); free otherwise
+        if not bank.uses_semantic_proxies:
+            with record_function("vpdml.sample_pass"):
+                embeddings = self.embed(pixel_values, adapter_name=adapter)
+        else:
             chosen = _first_per_class(labels, config.semantic_images_per_class)
-            semantic = self._semantic_embeddings(bank, pixel_values[chosen], labels[chosen], adapter, config)
-            semantic_rows = bank.accumulate(semantic, labels[chosen])
-        proxies = bank.mixed_proxies(semantic_rows)
-        loss = proxy_anchor_loss(
-            embeddings,
-            labels,
-            proxies,
-            scale=config.proxy_anchor_scale,
-            margin=config.proxy_anchor_margin,
-            positive_average=config.proxy_anchor_positive_average,
-        )
+            if self._can_fuse_proxy_pass(adapter, bank, config):
+                self._check_pixel_values(pixel_values)
+                with record_function("vpdml.fused_passes"):
+                    embeddings, semantic = self._fused_passes(
+                        bank, pixel_values, labels, chosen, adapter, config
+                    )
+            else:
+                with record_function("vpdml.sample_pass"):
+                    embeddings = self.embed(pixel_values, adapter_name=adapter)
+                with record_function("vpdml.proxy_pass"):
+                    semantic = self._semantic_embeddings(
+                        bank, pixel_values[chosen], labels[chosen], adapter, config
+                    )
+            with record_function("vpdml.proxy_state"):
+                semantic_rows = bank.accumulate(semantic, labels[chosen])
+        with record_function("vpdml.proxies_and_loss"):
+            proxies = bank.mixed_proxies(semantic_rows)
+            loss = proxy_anchor_loss(
+                embeddings,
+                labels,
+                proxies,
+                scale=config.proxy_anchor_scale,
+                margin=config.proxy_anchor_margin,
+                positive_average=config.proxy_anchor_positive_average,
+            )
         if return_outputs:
             return DMLLossOutput(loss, embeddings, proxies, semantic)
         return loss
@@ -324,6 +342,42 @@ class VisualPromptDMLModel(BaseTuner):
         with self._route(class_prompt_provider, adapter):
             features = self.backbone_features(pixel_values, config.pooling)
         return bank.proxy_head(features)
+
+    def _can_fuse_proxy_pass(self, adapter: str, bank: ProxyBank, config: VisualPromptDMLConfig) -> bool:
+        # one pass needs one sequence length per layer: the class prompts must match the shared prompts' counts
+        return config.fuse_proxy_pass and list(bank.class_prompts.counts) == list(
+            self.vpdml_prompts[adapter].counts
+        )
+
+    def _fused_passes(
+        self,
+        bank: ProxyBank,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor,
+        chosen: torch.Tensor,
+        adapter: str,
+        config: VisualPromptDMLConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample pass (shared prompts) and the proxy pass (class prompts) as one backbone pass.
+
+        The batch is ``[images; images[chosen]]``: the first ``B`` rows get the adapter's prompts, the others their
+        class's prompts. A ViT treats every sample independently (no batch statistics), so this equals the two
+        separate passes up to float rounding, with half the kernel launches and larger matmuls.
+        """
+        batch = pixel_values.shape[0]
+        shared = self.vpdml_prompts[adapter]
+        class_prompts = bank.class_prompts.gather(labels[chosen])
+
+        def provider(layer_index: int, batch_size: int) -> torch.Tensor | None:
+            prompts = shared.for_layer(layer_index)
+            if prompts is None:  # equal counts: no class prompts in this layer either
+                return None
+            rows = class_prompts[layer_index]
+            return torch.cat([_expand(prompts, batch), rows.to(device=prompts.device, dtype=prompts.dtype)])
+
+        with self._route(provider, adapter):
+            features = self.backbone_features(torch.cat([pixel_values, pixel_values[chosen]]), config.pooling)
+        return self.vpdml_head[adapter](features[:batch]), bank.proxy_head(features[batch:])
 
     # ------------------------------------------------------------------------------------------ adapter control
     def _resolve_adapter(self, adapter_name: str | None) -> str:
