@@ -55,6 +55,7 @@ class Setting:
     heads: int
     num_prompts: int
     num_classes: int
+    compile: bool = False
 
 
 def _build(method: str, setting: Setting):
@@ -99,6 +100,15 @@ def _run_one(method: str, setting: Setting) -> dict[str, float]:
     import torch
 
     model = _build(method, setting).to(setting.device)
+    if setting.compile:  # regional torch.compile of every block; the warm-up steps absorb the compile time
+        from peft import PeftModel
+
+        from vpdml.architectures import compile_blocks
+
+        backbone = (
+            model.base_model.model if isinstance(model, PeftModel) else getattr(model, "backbone", model)
+        )
+        compile_blocks(backbone)
     model.train(method not in INFERENCE_METHODS)
     batch = setting.classes_per_batch * setting.samples_per_class
     pixels = torch.randn(batch, 3, setting.image_size, setting.image_size, device=setting.device)
@@ -187,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-prompts", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile each block (use --warmup >= 2: shapes vary)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -208,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         heads=args.heads,
         num_prompts=args.num_prompts,
         num_classes=args.num_classes,
+        compile=args.compile,
     )
     methods = ["frozen-forward", *[m for m in args.methods if m != "frozen-forward"]]
     print(f"setting: {setting.__dict__}", flush=True)

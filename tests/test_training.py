@@ -390,3 +390,43 @@ def test_bad_settings_fail_early_with_clear_messages(tmp_path):
         build_model(tiny_vit(), "lora", 3)
     with pytest.raises(ValueError, match="full-finetune does not take"):
         build_model(tiny_vit(), "full-finetune", 3, num_prompts=3)
+
+
+def test_gradient_checkpointing_and_compiled_blocks_train_like_the_plain_loop(tmp_path, monkeypatch):
+    """The memory/speed options change how a step runs, not what it computes."""
+    import vpdml.architectures
+    import vpdml.training
+
+    compiled: list[int] = []
+
+    def compile_eagerly(backbone):  # the wiring, without inductor's minute of C++ compilation per test
+        compiled.append(vpdml.architectures.compile_blocks(backbone, backend="eager"))
+        return compiled[-1]
+
+    monkeypatch.setattr(vpdml.training, "compile_blocks", compile_eagerly)
+    splits = layout_splits(num_classes=24, per_class=4, seed=2, validation_classes=0)
+    states = {}
+    for name, options in {
+        "plain": {},
+        "checkpointing": {"gradient_checkpointing": True},
+        "compiled": {"torch_compile": True},
+    }.items():
+        model = tiny_model(splits.num_train_classes, num_prompts=2, class_prompts=2)
+        args = tiny_args(tmp_path / name, max_steps=3, classes_per_batch=4, eval_every_epochs=0, **options)
+        train(model, splits, args, image_processor=NORMALISATION)
+        states[name] = trainable_state(model)
+        if name == "checkpointing":
+            backbone = model.base_model.model
+            assert (
+                getattr(backbone, "is_activation_checkpointing", None) or backbone.is_gradient_checkpointing
+            )
+    assert compiled == [2]
+    for name in ("checkpointing", "compiled"):
+        assert states[name].keys() == states["plain"].keys()
+        for key, value in states["plain"].items():
+            torch.testing.assert_close(states[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    initial = trainable_state(tiny_model(splits.num_train_classes, num_prompts=2, class_prompts=2))
+    assert not torch.equal(
+        states["plain"]["base_model.vpdml_prompts.default.prompts.layer_0"],
+        initial["base_model.vpdml_prompts.default.prompts.layer_0"],
+    )

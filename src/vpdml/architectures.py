@@ -208,3 +208,22 @@ def pooled_features(
     if not info.tokens_are_normalized and info.final_norm_path is not None:
         patches = model.get_submodule(info.final_norm_path)(patches)
     return patches.mean(dim=1)
+
+
+def compile_blocks(backbone: nn.Module, **compile_kwargs: Any) -> int:
+    """Compile each transformer block of ``backbone`` in place with ``torch.compile`` (regional compilation).
+
+    Compiling the blocks rather than the whole model keeps vpdml's prompt routing (Python callables that pick
+    the prompts of the current pass) outside the compiled graphs, compiles one block graph that all blocks reuse,
+    and leaves parameter names, ``state_dict`` keys and saved adapters unchanged (``nn.Module.compile``). A
+    prompted block's inner layer is compiled; the appended prompts change the sequence length between the
+    sample pass and the proxy pass, so ``dynamic=True`` is the default. Returns the number of blocks compiled.
+    """
+    from .layer import PromptedBlock
+
+    info = describe_backbone(backbone)
+    blocks = backbone.get_submodule(info.blocks_path)
+    options = {"dynamic": True, **compile_kwargs}
+    for block in blocks:
+        (block.base_layer if isinstance(block, PromptedBlock) else block).compile(**options)
+    return len(blocks)

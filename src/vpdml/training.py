@@ -61,10 +61,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .architectures import compile_blocks
+from .atomic_io import atomic_write_json
 from .checkpointing import (
     CHECKPOINTS_DIRNAME,
     TRAINER_STATE_FILE,
-    atomic_write_json,
     latest_checkpoint,
     load_model_weights,
     load_optimizer_state,
@@ -249,6 +250,15 @@ def _model_num_classes(model: nn.Module) -> int:
             "build it with build_model(backbone, method, num_classes=<training classes>) to train it."
         )
     return bank.num_classes
+
+
+def _enable_activation_checkpointing(backbone: nn.Module) -> None:
+    # transformers >= 5.x renamed gradient_checkpointing_enable (now a deprecated alias); 4.x only has the old name
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _backbone_of(model: nn.Module) -> nn.Module:
@@ -719,14 +729,14 @@ class _Trainer:
         if self.state.zero_shot_metrics is None:
             self.state.zero_shot_metrics = self._metrics(self._evaluate(list(self.eval_sets), zero_shot=True))
         if args.gradient_checkpointing:
-            _backbone_of(self.model).gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            _enable_activation_checkpointing(_backbone_of(self.model))
         if args.head_warmup_epochs and resume_dir is None:
             self.state.head_warmup_losses = warm_up_head(
                 self.model, self.splits.train, self.eval_transform, args, accelerator=accelerator
             )
 
+        if args.torch_compile:
+            compile_blocks(_backbone_of(self.model))
         optimizer = create_optimizer(self.model, args)
         scheduler = _create_scheduler(optimizer, args, self.state.total_steps)
         objective = DMLObjective(self.model)

@@ -83,6 +83,12 @@ class TrainingArguments:
         default=False,
         metadata={"help": "Recompute the backbone's activations in the backward pass (less memory)."},
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile each backbone block with torch.compile (regional; first steps pay the compile time)."
+        },
+    )
     # --- images ------------------------------------------------------------------------------------------
     image_size: int | None = field(
         default=None, metadata={"help": "Crop size (None: the image processor's, else 224)."}
