@@ -72,6 +72,8 @@ def test_profile_step_attributes_time_to_phases():
             "2",
             "--steps",
             "1",
+            "--rounds",
+            "1",
             "--methods",
             "vpt",
             "vptsp-g-1img",
