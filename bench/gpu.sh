@@ -31,6 +31,11 @@ EOF
   "$PYTHON" bench/speed.py --device cuda --dtype bf16 --image-size 224 --classes-per-batch 32 \
     --samples-per-class 2 --hidden-size "$HIDDEN" --heads "$HEADS" --layers 12 --num-prompts 10 \
     --num-classes 100 --steps "$STEPS" --warmup 3 \
-    --methods linear vpt vpt-bitfit vptsp-g vptsp-g-1img full-finetune vptsp-g-embed
+    --methods linear vpt vpt-bitfit vptsp-g vptsp-g-1img vptsp-g-1img-eq vptsp-g-1img-eq-fused full-finetune \
+    vptsp-g-embed
+  echo
+  "$PYTHON" bench/profile_step.py --device cuda --image-size 224 --classes-per-batch 32 \
+    --hidden-size "$HIDDEN" --heads "$HEADS" --num-prompts 10 --steps 3 --rounds 1 --top 8 \
+    --methods vpt vptsp-g-1img vptsp-g-1img-eq-fused
 } | tee "$out"
 echo "written: $out"

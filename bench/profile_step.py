@@ -99,18 +99,24 @@ def profile_method(
     groups: dict[str, float] = defaultdict(float)
     phases: dict[str, float] = defaultdict(float)
     for event in profiler.events():
-        if event.self_cpu_time_total <= 0:
+        self_time = _self_time(event, setting.device)
+        if self_time <= 0:
             continue
-        ms = event.self_cpu_time_total / 1000 / steps
+        ms = self_time / 1000 / steps
         phase = phase_of(event)
         groups["optimizer" if phase.startswith("optimizer") else group_of(event.name)] += ms
         phases[phase] += ms
     return dict(groups), dict(phases), sum(groups.values()), profiler
 
 
-def top_operators(profiler: object, steps: int, count: int) -> list[tuple[str, float, int]]:
-    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [(e.key, e.self_cpu_time_total / 1000 / steps, e.count // steps) for e in events[:count]]
+def _self_time(event: object, device: str) -> float:
+    """Microseconds the operator itself took: on the GPU for CUDA runs (kernels), on the CPU otherwise."""
+    return event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+
+
+def top_operators(profiler: object, steps: int, count: int, device: str) -> list[tuple[str, float, int]]:
+    events = sorted(profiler.key_averages(), key=lambda e: _self_time(e, device), reverse=True)
+    return [(e.key, _self_time(e, device) / 1000 / steps, e.count // steps) for e in events[:count]]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods:
         print(f"\nTop operators, {method} (self ms per step, calls per step):\n")
         print("| operator | group | ms | calls |\n|---|---|---:|---:|")
-        for key, ms, calls in top_operators(profilers[method], args.steps, args.top):
+        for key, ms, calls in top_operators(profilers[method], args.steps, args.top, args.device):
             print(f"| `{key}` | {group_of(key)} | {ms:.1f} | {calls} |")
     if args.trace:
         profilers[args.methods[-1]].export_chrome_trace(args.trace)

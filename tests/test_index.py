@@ -195,3 +195,41 @@ def test_cli_index_build_and_search(setup, tmp_path, capsys):
     assert "embedded with another adapter" in capsys.readouterr().err
     assert main(["search", "--index", str(tmp_path / "missing"), str(query)]) == 1
     assert "not a vpdml index" in capsys.readouterr().err
+
+
+def test_cli_search_reads_a_transparent_query_like_index_build(setup, tmp_path, capsys):
+    """An RGBA query is flattened onto white as gallery images are, not converted with its hidden colours."""
+    import numpy as np
+    from PIL import Image
+
+    from vpdml.cli import open_query_image
+    from vpdml.data import to_rgb
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    pixels[..., 3] = np.where(np.arange(32)[:, None] < 16, 0, 255)  # top half transparent (random colours)
+    path = tmp_path / "rgba.png"
+    Image.fromarray(pixels, "RGBA").save(path)
+    query = np.asarray(open_query_image(path))
+    assert query.shape == (32, 32, 3) and (query[:16] == 255).all()
+    np.testing.assert_array_equal(query[16:], pixels[16:, :, :3])
+    np.testing.assert_array_equal(query, np.asarray(to_rgb(Image.open(path))))
+    out = tmp_path / "rgba.index"
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--adapter",
+                str(setup["root"] / "adapter"),
+                "--images",
+                str(tmp_path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["search", "--index", str(out), str(path), "-k", "1"]) == 0
+    assert f"| 1 | 1.0000 | {path.resolve()} |" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The ``vpdml`` command line: ``train``, ``evaluate``, ``embed``, ``index build``, ``search`` and ``demo``.
+"""The ``vpdml`` command line: ``train``, ``evaluate``, ``embed``, ``index build``, ``search``, ``app`` and ``demo``.
 
 Examples::
 
@@ -8,6 +8,7 @@ Examples::
     vpdml embed --adapter runs/cub --images ./photos --out photos.safetensors
     vpdml index build --adapter runs/cub --images ./photos --out photos.index
     vpdml search --index photos.index query.jpg -k 10
+    vpdml app --index photos=photos.index            # a Gradio demo app (pip install "vpdml[app]")
     vpdml demo
 
 Every :class:`vpdml.training.TrainingArguments` field and the adapter options of
@@ -256,11 +257,15 @@ def run_train(namespace: argparse.Namespace) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_trained_model(adapter: str, backbone: str | None = None) -> tuple[Any, str | None]:
+def load_trained_model(
+    adapter: str, backbone: str | None = None, *, onto: Any = None, adapter_name: str = "default"
+) -> tuple[Any, str | None]:
     """A trained model from an adapter folder or Hub repo (or a full fine-tuning folder), in eval mode.
 
     Returns ``(model, backbone name)``; the backbone is ``backbone`` or the adapter's
-    ``base_model_name_or_path``.
+    ``base_model_name_or_path``. The adapter is loaded as ``adapter_name``. ``onto``: a ``PeftModel`` that already
+    holds adapters on the same backbone; the adapter is added to it (PEFT ``load_adapter``, the active adapter
+    does not change) instead of loading another copy of the backbone, and ``onto`` is returned.
     """
     from peft import PeftModel
 
@@ -270,6 +275,10 @@ def load_trained_model(adapter: str, backbone: str | None = None) -> tuple[Any, 
 
     local = Path(adapter)
     if (local / "dml_head_config.json").is_file():  # full fine-tuning saves the whole model
+        if onto is not None:
+            raise ValueError(
+                f"{adapter} is a full fine-tuning model: it cannot share a backbone with adapters."
+            )
         return FullFineTuningDML.from_pretrained(local).eval(), backbone
     path = resolve_adapter_path(adapter)
     config = json.loads((path / "adapter_config.json").read_text())
@@ -279,7 +288,10 @@ def load_trained_model(adapter: str, backbone: str | None = None) -> tuple[Any, 
             f"{adapter} does not name its base model (adapter_config.json has no base_model_name_or_path): pass "
             "--backbone <Hub id or folder of the ViT it was trained on>."
         )
-    return PeftModel.from_pretrained(load_backbone(name), str(path)).eval(), name
+    if onto is not None:
+        onto.load_adapter(str(path), adapter_name=adapter_name)
+        return onto.eval(), name
+    return PeftModel.from_pretrained(load_backbone(name), str(path), adapter_name=adapter_name).eval(), name
 
 
 def trained_image_size(adapter: str) -> int | None:
@@ -539,16 +551,33 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--index", required=True, help="Index folder written by `vpdml index build`.")
     parser.add_argument("queries", nargs="+", metavar="QUERY", help="Query image file(s).")
     parser.add_argument("-k", type=int, default=10, help="Results per query (default: 10).")
+    parser.add_argument(
+        "--backend",
+        choices=("exact", "faiss", "faiss-hnsw", "faiss-ivf"),
+        default="exact",
+        help="exact: chunked matmul (default); faiss: FAISS flat index (exact); faiss-hnsw, faiss-ivf: approximate "
+        "FAISS indexes for large galleries. The FAISS ones need `pip install vpdml[faiss]`.",
+    )
     _add_index_model_arguments(parser, required=False)
     return parser
 
 
-def _load_for_index(adapter: str, backbone: str | None, image_size: int | None) -> tuple[Any, Any, Any, dict]:
-    """``(model, eval transform, AdapterIdentity, info)`` of an adapter folder or Hub repo."""
+def _load_for_index(
+    adapter: str,
+    backbone: str | None,
+    image_size: int | None,
+    *,
+    onto: Any = None,
+    adapter_name: str = "default",
+) -> tuple[Any, Any, Any, dict]:
+    """``(model, eval transform, AdapterIdentity, info)`` of an adapter folder or Hub repo.
+
+    ``onto`` and ``adapter_name``: as for :func:`load_trained_model`; the identity is that of ``adapter_name``.
+    """
     from .hub import resolve_adapter_path
     from .index import AdapterIdentity
 
-    model, backbone_name = load_trained_model(adapter, backbone)
+    model, backbone_name = load_trained_model(adapter, backbone, onto=onto, adapter_name=adapter_name)
     image_size = image_size or trained_image_size(adapter)
     transform = _eval_transform(model, backbone_name, image_size)
     local = Path(adapter)
@@ -557,12 +586,42 @@ def _load_for_index(adapter: str, backbone: str | None, image_size: int | None) 
     else:  # a Hub snapshot folder is named after its commit
         path = resolve_adapter_path(adapter)
         source, revision = adapter, path.name if path.parent.name == "snapshots" else None
-    identity = AdapterIdentity.of_model(model, name=source, revision=revision, backbone=backbone_name)
+    identity = AdapterIdentity.of_model(
+        model, adapter_name, name=source, revision=revision, backbone=backbone_name
+    )
     return (
         model,
         transform,
         identity,
         {"adapter": source, "backbone": backbone_name, "image_size": image_size},
+    )
+
+
+def load_index_model(
+    index: Any,
+    adapter: str | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    *,
+    where: Any = "the index",
+    onto: Any = None,
+    adapter_name: str = "default",
+) -> tuple[Any, Any, Any, dict]:
+    """``(model, eval transform, AdapterIdentity, info)`` to embed queries for a :class:`~vpdml.index.GalleryIndex`.
+
+    Reloads the adapter, backbone and crop size the index records (``index.info``, as `vpdml search` does);
+    ``adapter``, ``backbone`` and ``image_size`` override them. ``where`` names the index in errors; ``onto`` and
+    ``adapter_name``: as for :func:`load_trained_model` (load onto a model that already holds other adapters).
+    """
+    adapter = adapter or index.info.get("adapter") or index.adapter_identity.name
+    if not adapter:
+        raise ValueError(f"{where} does not record its adapter: pass --adapter.")
+    return _load_for_index(
+        adapter,
+        backbone or index.info.get("backbone"),
+        image_size or index.info.get("image_size"),
+        onto=onto,
+        adapter_name=adapter_name,
     )
 
 
@@ -589,32 +648,42 @@ def run_index(namespace: argparse.Namespace) -> Path:
     return out
 
 
-def run_search(namespace: argparse.Namespace) -> list[list[tuple[float, str]]]:
-    """``vpdml search``: print the ``-k`` nearest gallery images of each query image."""
+def open_query_image(path: str | Path) -> Any:
+    """A query image read as ``index build`` reads gallery files: transparency over white, 16-bit scaled.
+
+    (``convert("RGB")`` would keep the colours hidden under transparent pixels, so a transparent PNG would not
+    match its own gallery copy.)
+    """
     from PIL import Image
 
+    from .data.transforms import to_rgb
+
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def run_search(namespace: argparse.Namespace) -> list[list[tuple[float, str]]]:
+    """``vpdml search``: print the ``-k`` nearest gallery images of each query image."""
     from .index import GalleryIndex, embed_queries
 
+    backend = getattr(namespace, "backend", "exact")
+    if backend != "exact" and importlib.util.find_spec("faiss") is None:
+        raise ValueError(
+            f"--backend {backend} needs FAISS: `pip install vpdml[faiss]`, or use --backend exact."
+        )
     index = GalleryIndex.load(namespace.index)
-    adapter = namespace.adapter or index.info.get("adapter") or index.adapter_identity.name
-    if not adapter:
-        raise ValueError(f"{namespace.index} does not record its adapter: pass --adapter.")
-    model, transform, identity, _ = _load_for_index(
-        adapter,
-        namespace.backbone or index.info.get("backbone"),
-        namespace.image_size or index.info.get("image_size"),
+    model, transform, identity, _ = load_index_model(
+        index, namespace.adapter, namespace.backbone, namespace.image_size, where=namespace.index
     )
     missing = [path for path in namespace.queries if not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(f"No such query image(s): {', '.join(missing)}")
-    images = []
-    for path in namespace.queries:
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
+    images = [open_query_image(path) for path in namespace.queries]
     queries = embed_queries(
         model, images, transform, batch_size=namespace.batch_size, adapter_identity=identity
     )
-    scores, ids = index.search(queries, namespace.k)
+    scores, ids = index.search(queries, namespace.k, backend=backend)
     results = []
     for query, row_scores, row_ids in zip(namespace.queries, scores.tolist(), ids, strict=True):
         print(f"\nquery: {query}\n\n| rank | score | image |\n|---:|---:|---|")
@@ -622,6 +691,80 @@ def run_search(namespace: argparse.Namespace) -> list[list[tuple[float, str]]]:
             print(f"| {rank} | {score:.4f} | {index.metadata.get(item, {}).get('path', item)} |")
         results.append(list(zip(row_scores, row_ids, strict=True)))
     return results
+
+
+# --------------------------------------------------------------------------------------------------
+# app
+# --------------------------------------------------------------------------------------------------
+
+
+def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--index",
+        dest="indexes",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="A gallery index folder (from `vpdml index build`) listed as NAME in the app's adapter choice; repeat "
+        "for several adapters. A bare PATH is named after its folder (emoji.index -> emoji).",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to serve on (default: 127.0.0.1; 0.0.0.0 for the network).",
+    )
+    parser.add_argument("--port", type=int, help="Port (default: 7860, or the next free one).")
+    parser.add_argument(
+        "--share",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Also ask Gradio for a temporary public share link (needs internet; default: --no-share).",
+    )
+    parser.add_argument("-k", type=int, default=5, help="Results shown at first (default: 5).")
+    parser.add_argument("--max-k", type=int, default=50, help="Largest k of the slider (default: 50).")
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=8,
+        help="Gallery images offered as example queries, per index (default: 8; 0: none).",
+    )
+    return parser
+
+
+def parse_index_specs(specs: Sequence[str]) -> dict[str, str]:
+    """``["emoji=emoji.index", "products.index"]`` -> ``{"emoji": "emoji.index", "products": "products.index"}``."""
+    indexes: dict[str, str] = {}
+    for spec in specs:
+        name, separator, path = spec.partition("=")
+        if not separator:
+            name, path = Path(spec.rstrip("/\\")).stem, spec
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ValueError(f"--index takes NAME=PATH or PATH, got {spec!r}.")
+        if name in indexes:
+            raise ValueError(f"Two --index entries are named {name!r}: give them distinct names (NAME=PATH).")
+        indexes[name] = path
+    return indexes
+
+
+def run_app(namespace: argparse.Namespace) -> Any:
+    """``vpdml app``: serve the Gradio demo (:mod:`vpdml.app`) over the given indexes until interrupted."""
+    indexes = parse_index_specs(namespace.indexes)
+    if importlib.util.find_spec("gradio") is None:
+        from .app import INSTALL_HINT
+
+        raise ValueError(INSTALL_HINT)
+    from .app import launch_app
+
+    return launch_app(
+        indexes,
+        host=namespace.host,
+        port=namespace.port,
+        share=namespace.share,
+        default_k=namespace.k,
+        max_k=namespace.max_k,
+        num_examples=namespace.examples,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -676,6 +819,15 @@ def build_parser() -> argparse.ArgumentParser:
             "(rank, cosine score, path). A query embedded with another adapter is refused.",
         )
     )
+    add_app_arguments(
+        commands.add_parser(
+            "app",
+            help="a web app (Gradio) to search gallery indexes with query images",
+            description="Serve a Gradio app: choose an adapter (one gallery index each), upload or pick a query "
+            "image, see the top-k gallery images with their scores. Needs `pip install vpdml[app]`. See "
+            "docs/retrieval.md.",
+        )
+    )
     commands.add_parser(
         "demo",
         help="offline end-to-end demo (built-in backbone and emoji benchmark); `vpdml demo --help` for options",
@@ -706,6 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "embed": run_embed,
         "index": run_index,
         "search": run_search,
+        "app": run_app,
     }
     try:
         handlers[namespace.command](namespace)

@@ -9,12 +9,17 @@
     index = GalleryIndex.load("photos.index")
     queries = embed_queries(model, [Image.open("q.jpg")], transform)       # embeddings + adapter identity
     scores, ids = index.search(queries, k=10)                               # exact cosine top-k
+    scores, ids = index.search(queries, k=10, backend="faiss-hnsw")         # approximate (FAISS HNSW)
+    index.ann_recall(queries, k=10, backend="faiss-hnsw")                   # its recall@10 vs exact search
 
 Embeddings only compare when they come from the same adapter. The index records the adapter's
 :class:`AdapterIdentity` (a SHA-256 of its weights and config, plus its name, Hub revision and backbone when
-known) and :meth:`GalleryIndex.search` refuses queries that carry another one. Search is exact (chunked matrix
-products, :func:`vpdml.metrics.nearest_neighbors`); ``backend="faiss"`` uses a FAISS flat inner-product index
-instead when ``faiss`` is installed (``pip install faiss-cpu``).
+known) and :meth:`GalleryIndex.search` refuses queries that carry another one. Search is exact by default (chunked
+matrix products, :func:`vpdml.metrics.nearest_neighbors`). With ``faiss`` installed (``pip install vpdml[faiss]``)
+``backend="faiss"`` uses a FAISS flat inner-product index (exact too), and ``"faiss-hnsw"`` (``IndexHNSWFlat``) or
+``"faiss-ivf"`` (``IndexIVFFlat``) an approximate one, tuned by :class:`FaissOptions`;
+:meth:`GalleryIndex.ann_recall` measures an approximate backend's recall@k against exact search. FAISS indexes
+live in memory only: built on first use (or by :meth:`GalleryIndex.build_ann`), dropped by ``add`` / ``delete``.
 
 On disk an index is a folder: ``index.json`` (format, ids, per-item metadata, adapter identity, the name and
 SHA-256 of the embeddings file, and a SHA-256 of the record itself) and ``embeddings-<digest>.safetensors``. The embeddings file is written first
@@ -26,7 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,12 +43,14 @@ import torch
 from torch import nn
 
 from .atomic_io import atomic_write_bytes
-from .metrics import nearest_neighbors
+from .metrics import nearest_neighbors, unit_gallery
 
 __all__ = [
+    "BACKENDS",
     "INDEX_FILE",
     "AdapterIdentity",
     "AdapterMismatchError",
+    "FaissOptions",
     "GalleryIndex",
     "QueryEmbeddings",
     "embed_queries",
@@ -53,6 +62,13 @@ INDEX_FORMAT = "vpdml-gallery-index/1"
 _VOLATILE_CONFIG_KEYS = frozenset(
     {"base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "task_type"}
 )
+
+
+BACKENDS = ("exact", "faiss", "faiss-hnsw", "faiss-ivf")
+"""``search`` backends: exact chunked matmul, FAISS flat (exact), FAISS HNSW and IVF (approximate)."""
+_FAISS_BACKENDS = BACKENDS[1:]
+_IVF_MIN_POINTS_PER_LIST = 39  # FAISS's k-means warns below this many training vectors per centroid
+_RECALL_TOLERANCE = 1e-5
 
 
 class AdapterMismatchError(ValueError):
@@ -170,6 +186,61 @@ def _digest(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> s
 
 
 # --------------------------------------------------------------------------------------------------
+# FAISS options
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaissOptions:
+    """Parameters of the approximate FAISS backends (``search(..., faiss_options=...)``).
+
+    Build-time fields (a change builds a new FAISS index): ``hnsw_m`` (graph degree), ``hnsw_ef_construction``,
+    ``ivf_nlist`` (k-means lists; default ``round(sqrt(N))``), ``ivf_train_size`` (vectors the k-means is trained
+    on, a seeded random sample; default ``min(N, 64 * nlist)``) and ``seed``. Search-time fields (no rebuild):
+    ``hnsw_ef_search`` (raised to ``k`` when smaller) and ``ivf_nprobe`` (lists visited per query, capped at
+    ``nlist``). Larger ``hnsw_ef_search`` / ``ivf_nprobe`` buy recall with latency; measure it with
+    :meth:`GalleryIndex.ann_recall`.
+    """
+
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 64
+    ivf_nlist: int | None = None
+    ivf_nprobe: int = 16
+    ivf_train_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FaissOptions.{name} must be a positive integer, got {value!r}.")
+        for name in ("ivf_nlist", "ivf_train_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"FaissOptions.{name} must be a positive integer or None, got {value!r}.")
+
+    def build_key(self, backend: str) -> tuple[Any, ...]:
+        """What identifies a built FAISS index of ``backend`` (search-time fields left out)."""
+        if backend == "faiss-hnsw":
+            return (backend, self.hnsw_m, self.hnsw_ef_construction)
+        if backend == "faiss-ivf":
+            return (backend, self.ivf_nlist, self.ivf_train_size, self.seed)
+        return (backend,)
+
+
+def _import_faiss(backend: str) -> Any:
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            f"backend={backend!r} needs FAISS: `pip install vpdml[faiss]` (or `pip install faiss-cpu`), or use "
+            "backend='exact'."
+        ) from error
+    return faiss
+
+
+# --------------------------------------------------------------------------------------------------
 # Queries
 # --------------------------------------------------------------------------------------------------
 
@@ -263,7 +334,8 @@ class GalleryIndex:
         if duplicates:
             raise ValueError(f"Duplicate ids: {duplicates[:5]}")
         self._positions = {item: row for row, item in enumerate(self.ids)}
-        self._faiss: Any = None
+        self._faiss: dict[tuple[Any, ...], Any] = {}  # FaissOptions.build_key -> built FAISS index
+        self._unit: dict[str, torch.Tensor] = {}  # device -> normalised gallery for exact search (built once)
 
     # construction ---------------------------------------------------------------------------------
 
@@ -342,7 +414,8 @@ class GalleryIndex:
             self._positions[item] = len(self.ids)
             self.ids.append(item)
         self.metadata.update(_metadata_by_id(ids, metadata))
-        self._faiss = None
+        self._faiss.clear()
+        self._unit.clear()
 
     def delete(self, ids: Sequence[Any]) -> None:
         """Remove rows by id (raises ``KeyError`` naming unknown ids, and then removes nothing)."""
@@ -357,7 +430,8 @@ class GalleryIndex:
         self._positions = {item: row for row, item in enumerate(self.ids)}
         for item in ids:
             self.metadata.pop(item, None)
-        self._faiss = None
+        self._faiss.clear()
+        self._unit.clear()
 
     # search ---------------------------------------------------------------------------------------
 
@@ -368,6 +442,7 @@ class GalleryIndex:
         *,
         adapter_identity: AdapterIdentity | None = None,
         backend: str = "exact",
+        faiss_options: FaissOptions | None = None,
         chunk_size: int = 1024,
         device: torch.device | str | None = None,
     ) -> tuple[torch.Tensor, list[list[str]]]:
@@ -375,20 +450,155 @@ class GalleryIndex:
 
         ``queries`` is a :class:`QueryEmbeddings` (from :func:`embed_queries`) or a ``(Q, E)`` tensor with its
         ``adapter_identity``; a query from another adapter raises :class:`AdapterMismatchError`. ``k`` is capped
-        at the index size. Scores are cosine similarities. ``backend``: ``"exact"`` (chunked matmul) or
-        ``"faiss"`` (a flat inner-product FAISS index; needs ``pip install faiss-cpu``).
+        at the index size. Scores are cosine similarities. ``backend`` (see :data:`BACKENDS`): ``"exact"``
+        (chunked matmul; ``chunk_size`` and ``device`` apply to it), ``"faiss"`` (a flat inner-product FAISS
+        index: exact too), or the approximate ``"faiss-hnsw"`` and ``"faiss-ivf"`` (tuned by ``faiss_options``).
+        The FAISS backends need ``pip install vpdml[faiss]``. An approximate backend can find fewer than ``k``
+        items for a query (IVF lists too small, HNSW graph cut off): that query's id list is then shorter and its
+        missing scores are ``-inf``.
         """
         query = self._checked_queries(queries, adapter_identity, required=True)
+        k = self._capped_k(k)
+        scores, rows = self._search_rows(query, k, backend, faiss_options, chunk_size, device)
+        return scores, [[self.ids[row] for row in line if row >= 0] for line in rows.tolist()]
+
+    def ann_recall(
+        self,
+        queries: QueryEmbeddings | torch.Tensor,
+        k: int = 10,
+        *,
+        backend: str = "faiss-hnsw",
+        faiss_options: FaissOptions | None = None,
+        adapter_identity: AdapterIdentity | None = None,
+        chunk_size: int = 1024,
+        device: torch.device | str | None = None,
+    ) -> float:
+        """Recall@k of ``backend`` against exact search on these queries, in [0, 1].
+
+        The mean over queries of the fraction of the exact top ``k`` that ``backend`` returns. Ties count as found,
+        as in ann-benchmarks: a returned item is a hit when its exact cosine score is at least the exact ``k``-th
+        score (minus 1e-5), so duplicate gallery vectors do not lower the recall of an exact backend, which is 1.0.
+        """
+        query = self._checked_queries(queries, adapter_identity, required=True)
+        k = self._capped_k(k)
+        exact, _ = self._search_rows(query, k, "exact", None, chunk_size, device)
+        _, rows = self._search_rows(query, k, backend, faiss_options, chunk_size, device)
+        found = 0
+        for start in range(0, query.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            returned = rows[chunk]
+            valid = returned >= 0
+            gallery = torch.nn.functional.normalize(self.embeddings[returned.clamp(min=0)].double(), dim=-1)
+            unit = torch.nn.functional.normalize(query[chunk].double(), dim=-1)
+            scores = torch.einsum("qke,qe->qk", gallery, unit)
+            hits = valid & (scores >= exact[chunk, -1:].double() - _RECALL_TOLERANCE)
+            found += int(hits.sum())
+        return found / (query.shape[0] * k)
+
+    def build_ann(self, backend: str = "faiss-hnsw", faiss_options: FaissOptions | None = None) -> Any:
+        """Build (or return the cached) FAISS index of ``backend`` for the current rows; ``search`` calls it.
+
+        Useful to pay the build time up front. FAISS row ``i`` is index row ``i``; ``add`` and ``delete``
+        drop every cached FAISS index, so rows and ids never go out of step. Returns the ``faiss.Index``.
+        """
+        if backend not in _FAISS_BACKENDS:
+            raise ValueError(f"build_ann builds a FAISS backend {_FAISS_BACKENDS}, got {backend!r}.")
+        faiss = _import_faiss(backend)
+        options = faiss_options or FaissOptions()
+        key = options.build_key(backend)
+        if key in self._faiss:
+            return self._faiss[key]
         if not len(self):
             raise ValueError("The index is empty.")
-        k = min(int(k), len(self))
-        if backend == "exact":
-            scores, rows = nearest_neighbors(query, self.embeddings, k, chunk_size=chunk_size, device=device)
-        elif backend == "faiss":
-            scores, rows = self._faiss_search(query, k)
+        vectors = torch.nn.functional.normalize(self.embeddings, dim=1).numpy()
+        if backend == "faiss-hnsw":
+            built = faiss.IndexHNSWFlat(self.dim, options.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            built.hnsw.efConstruction = options.hnsw_ef_construction
+        elif backend == "faiss-ivf":
+            built = self._ivf(faiss, vectors, options)
         else:
-            raise ValueError(f"backend must be 'exact' or 'faiss', got {backend!r}.")
-        return scores, [[self.ids[row] for row in line] for line in rows.tolist()]
+            built = faiss.IndexFlatIP(self.dim)
+        built.add(vectors)
+        self._faiss[key] = built
+        return built
+
+    def _ivf(self, faiss: Any, vectors: Any, options: FaissOptions) -> Any:
+        count = len(self)
+        nlist = options.ivf_nlist or max(1, round(math.sqrt(count)))
+        if count < _IVF_MIN_POINTS_PER_LIST * nlist:
+            if options.ivf_nlist is not None:
+                raise ValueError(
+                    f"faiss-ivf with ivf_nlist={nlist} needs at least {_IVF_MIN_POINTS_PER_LIST * nlist} vectors to "
+                    f"train its k-means, the index has {count}: lower ivf_nlist or use backend='faiss'."
+                )
+            warnings.warn(
+                f"The index has {count} vectors, too few to train a faiss-ivf index (at least "
+                f"{_IVF_MIN_POINTS_PER_LIST} per list, {nlist} lists): using an exact flat FAISS index instead.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return faiss.IndexFlatIP(self.dim)
+        quantizer = faiss.IndexFlatIP(self.dim)  # faiss's wrapper keeps a reference to it in the IVF index
+        built = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        built.cp.seed = options.seed
+        train_size = min(count, options.ivf_train_size or 64 * nlist)
+        if train_size < _IVF_MIN_POINTS_PER_LIST * nlist:
+            raise ValueError(
+                f"ivf_train_size={train_size} is below {_IVF_MIN_POINTS_PER_LIST} vectors per list ({nlist} lists)."
+            )
+        sample = torch.randperm(count, generator=torch.Generator().manual_seed(options.seed))[:train_size]
+        built.train(vectors[sample.sort().values.numpy()])
+        return built
+
+    def _capped_k(self, k: int) -> int:
+        if not len(self):
+            raise ValueError("The index is empty.")
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        return min(int(k), len(self))
+
+    def _unit_gallery(self, device: torch.device | str | None) -> torch.Tensor:
+        # normalising the gallery is a full pass over it: do it once per device, not once per query
+        key = str(device)
+        if key not in self._unit:
+            self._unit[key] = unit_gallery(self.embeddings, device)
+        return self._unit[key]
+
+    def _search_rows(
+        self,
+        query: torch.Tensor,
+        k: int,
+        backend: str,
+        faiss_options: FaissOptions | None,
+        chunk_size: int,
+        device: torch.device | str | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, rows)`` of the top ``k``; a row of -1 (score -inf) marks an item FAISS did not find."""
+        if backend == "exact":
+            return nearest_neighbors(
+                query,
+                self._unit_gallery(device),
+                k,
+                chunk_size=chunk_size,
+                device=device,
+                gallery_is_unit=True,
+            )
+        if backend not in _FAISS_BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        faiss = _import_faiss(backend)
+        options = faiss_options or FaissOptions()
+        built = self.build_ann(backend, options)
+        # Search-time settings go on the index object, not through `search(params=...)`: importing
+        # pytorch-metric-learning (or anything else that imports faiss.contrib.torch_utils) replaces
+        # `Index.search` by a wrapper that takes no `params`.
+        if isinstance(built, faiss.IndexHNSW):
+            built.hnsw.efSearch = max(options.hnsw_ef_search, k)
+        elif isinstance(built, faiss.IndexIVF):
+            built.nprobe = min(options.ivf_nprobe, built.nlist)
+        unit = torch.nn.functional.normalize(query, dim=1).numpy()
+        scores, rows = built.search(unit, k)
+        scores, rows = torch.from_numpy(scores), torch.from_numpy(rows).long()
+        return scores.masked_fill(rows < 0, float("-inf")), rows
 
     def _checked_queries(
         self, queries: QueryEmbeddings | torch.Tensor, identity: AdapterIdentity | None, *, required: bool
@@ -413,19 +623,6 @@ class GalleryIndex:
         if queries.shape[1] != self.dim:
             raise ValueError(f"Queries have {queries.shape[1]} dimensions, the index {self.dim}.")
         return queries
-
-    def _faiss_search(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            import faiss
-        except ImportError as error:
-            raise ImportError(
-                "backend='faiss' needs FAISS: `pip install faiss-cpu` (or faiss-gpu), or use backend='exact'."
-            ) from error
-        if self._faiss is None:
-            self._faiss = faiss.IndexFlatIP(self.dim)
-            self._faiss.add(torch.nn.functional.normalize(self.embeddings, dim=1).numpy())
-        scores, rows = self._faiss.search(torch.nn.functional.normalize(query, dim=1).numpy(), k)
-        return torch.from_numpy(scores), torch.from_numpy(rows).long()
 
     # persistence ----------------------------------------------------------------------------------
 

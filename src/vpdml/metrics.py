@@ -284,6 +284,7 @@ def nearest_neighbors(
     chunk_size: int = 1024,
     device: DeviceLike = None,
     show_progress: bool = False,
+    gallery_is_unit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact cosine k-nearest neighbours of each query in the gallery, computed in chunks of queries.
 
@@ -296,13 +297,20 @@ def nearest_neighbors(
         chunk_size: queries scored at once; memory is about ``chunk_size x N`` float32 scores.
         device: where to compute (default: the gallery's device, or the CPU for numpy input).
         show_progress: show a tqdm progress bar over the queries.
+        gallery_is_unit: the gallery is already the output of :func:`unit_gallery` (checked, L2-normalised,
+            float32 on ``device``): skip checking and normalising it again. A search service that queries the
+            same gallery many times saves a full pass over it per call (1M x 512: seconds on a CPU).
 
     Returns:
         ``(scores, indices)``: (Q, k) float32 cosine similarities, descending, and the int64 gallery
         indices they belong to, on the CPU. Equal scores are ordered by lower gallery index.
     """
     queries = _validated_embeddings(query_embeddings, "query_embeddings")
-    gallery = _validated_embeddings(gallery_embeddings, "gallery_embeddings")
+    gallery = (
+        gallery_embeddings
+        if gallery_is_unit
+        else _validated_embeddings(gallery_embeddings, "gallery_embeddings")
+    )
     _check_same_dim(queries, gallery, "query_embeddings", "gallery_embeddings")
     chunk_size = _validated_chunk_size(chunk_size)
     if exclude_self and queries.shape[0] != gallery.shape[0]:
@@ -318,7 +326,7 @@ def nearest_neighbors(
         )
 
     compute_device = _resolve_device(device, gallery_embeddings)
-    gallery_unit = _normalized_gallery(gallery, compute_device)
+    gallery_unit = gallery if gallery_is_unit else _normalized_gallery(gallery, compute_device)
     all_scores = torch.empty(queries.shape[0], int(k), dtype=_SCORE_DTYPE)
     all_indices = torch.empty(queries.shape[0], int(k), dtype=torch.long)
     with tqdm(
@@ -333,6 +341,12 @@ def nearest_neighbors(
             all_scores[rows], all_indices[rows] = scores.cpu(), indices.cpu()
             bar.update(rows.stop - rows.start)
     return all_scores, all_indices
+
+
+def unit_gallery(gallery_embeddings: EmbeddingsLike, device: DeviceLike = None) -> torch.Tensor:
+    """The checked, L2-normalised float32 gallery that ``nearest_neighbors(..., gallery_is_unit=True)`` takes."""
+    gallery = _validated_embeddings(gallery_embeddings, "gallery_embeddings")
+    return _normalized_gallery(gallery, _resolve_device(device, gallery_embeddings))
 
 
 def _check_same_dim(first: torch.Tensor, second: torch.Tensor, first_name: str, second_name: str) -> None:
