@@ -10,7 +10,7 @@ the method itself (full fine-tuning trains the whole backbone in that phase).
 Each (method, seed) runs in a fresh subprocess, so its peak resident memory (``ru_maxrss``: training *and*
 evaluation) is its own. Step time is the median wall time between optimizer steps (data loading included).
 
-    python bench/accuracy.py --quick     # 80 / 80 classes, 8 epochs, 3 seeds; 2 CPU cores: ~20 min quiet
+    python bench/accuracy.py --quick     # 80 / 80 classes, 8 epochs, 3 seeds; 2 quiet CPU cores: ~32 min
     python bench/accuracy.py             # full mode: 200 / 250 classes, 10 epochs, 3 seeds (~1.5 h quiet 2 cores)
     python bench/accuracy.py --smoke     # tiny random ViT + generated images, seconds (the test suite)
 """
