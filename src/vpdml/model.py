@@ -280,6 +280,8 @@ class VisualPromptDMLModel(BaseTuner):
 
         With semantic proxies, a second backbone pass gives each image its class's prompts; the proxy head turns
         the result into semantic vectors that update the per-class state (in training mode) and form the proxies.
+        When the class prompts have the shared prompts' per-layer counts (and ``fuse_proxy_pass``), both passes
+        run as one backbone pass over the concatenated batch.
         """
         adapter = self._resolve_adapter(adapter_name)
         config = self.peft_config[adapter]
