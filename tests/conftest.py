@@ -48,6 +48,17 @@ def tiny_backbone(kind: str, seed: int = 0) -> torch.nn.Module:
 BACKBONE_KINDS = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip")
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures("single_thread")`): tiny models
+    run several times faster (no thread contention) and reductions are summed in one fixed order, so exact-equality
+    checks do not depend on the machine's core count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def pixels() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))

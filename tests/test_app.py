@@ -17,15 +17,10 @@ from vpdml.app import AdapterCache, Hit, example_items, image_folders, load_inde
 from vpdml.cli import load_index_model, main, parse_index_specs
 from vpdml.index import AdapterMismatchError, GalleryIndex
 
-pytestmark = pytest.mark.filterwarnings("ignore:No image processor:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:No image processor:UserWarning"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 
 @pytest.fixture(scope="module")

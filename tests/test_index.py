@@ -24,16 +24,11 @@ from vpdml.index import (
     embed_queries,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:No image processor:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:No image processor:UserWarning"),
+    pytest.mark.usefixtures("single_thread"),
+]
 TRANSFORM = transforms_from_processor({}, 32)[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _adapter(backbone: Path, seed: int):

@@ -12,13 +12,7 @@ from conftest import tiny_vit
 from toy_images import NORMALISATION, layout_splits
 from vpdml.training import TrainingArguments, build_model, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _run(output_dir, seed: int) -> dict:

@@ -26,13 +26,7 @@ from vpdml.cli import main
 from vpdml.data import DMLTransformDataset, load_dml_dataset, transforms_from_processor
 from vpdml.training import NonFiniteLossError, TrainingArguments, build_model, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _decode_all(splits) -> dict[str, str]:

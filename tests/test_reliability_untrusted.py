@@ -23,16 +23,10 @@ from toy_images import NORMALISATION, layout_splits, write_image_folder
 from vpdml.cli import main
 from vpdml.training import TrainingArguments, build_model, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SRC = Path(vpdml.__file__).resolve().parent
 TOKEN = "hf_" + "Zq7" * 12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------------------

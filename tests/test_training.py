@@ -26,15 +26,7 @@ from vpdml.evaluation import embed_dataset, evaluate_splits
 from vpdml.metrics import retrieval_metrics
 from vpdml.training import TrainingArguments, build_model, parameter_groups, train, warm_up_head
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: tiny models run several times faster (no thread contention) and reductions are
-    summed in one fixed order, so the exact-equality checks below do not depend on the machine's core count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_args(output_dir: Path, **overrides) -> TrainingArguments:
