@@ -21,15 +21,10 @@ from vpdml.data import transforms_from_processor
 from vpdml.evaluation import embed_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.filterwarnings("ignore:No image processor:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:No image processor:UserWarning"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +211,18 @@ def test_user_errors_get_a_message_not_a_traceback(trained, tmp_path, capsys):
         main(["embed", "--adapter", adapter, "--images", str(empty), "--out", str(tmp_path / "e.npz")]) == 1
     )
     assert "No images" in capsys.readouterr().err
+
+
+def test_every_adapter_option_is_a_flag():
+    """New VisualPromptDMLConfig fields must reach the command line (docs/training.md promises every one)."""
+    import dataclasses
+
+    from peft import PeftConfig
+
+    from vpdml import VisualPromptDMLConfig
+    from vpdml.cli import ADAPTER_OPTIONS
+
+    inherited = {f.name for f in dataclasses.fields(PeftConfig)}
+    own = {f.name for f in dataclasses.fields(VisualPromptDMLConfig)} - inherited
+    # the method decides semantic_proxies, the data num_classes; the backbone signature is filled on injection
+    assert own - set(ADAPTER_OPTIONS) == {"semantic_proxies", "num_classes", "backbone_signature"}

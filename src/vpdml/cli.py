@@ -53,6 +53,7 @@ ADAPTER_OPTIONS = (
     "class_prompt_rank",
     "class_prompt_offload",
     "semantic_images_per_class",
+    "fuse_proxy_pass",
     "proxy_keep_ratio",
     "gru_dropout",
     "proxy_mix_alpha",
