@@ -106,12 +106,12 @@ def _open_image(image: Any) -> Any:
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):
+        from .cli import open_query_image  # read as `vpdml search` and `index build` read image files
+
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"No such query image: {path}")
-        with Image.open(path) as opened:
-            opened.load()
-            return opened.copy()
+        return open_query_image(path)
     if hasattr(image, "__array__"):
         import numpy as np
 
