@@ -74,22 +74,9 @@ def profile_method(
     method: str, setting: speed.Setting, steps: int
 ) -> tuple[dict[str, float], dict[str, float], float, object]:
     """Self CPU ms per step by operator group and by phase, the total, and the profiler (for a trace)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    model = speed._build(method, setting).to(setting.device).train()
-    batch = setting.classes_per_batch * setting.samples_per_class
-    pixels = torch.randn(batch, 3, setting.image_size, setting.image_size, device=setting.device)
-    labels = torch.arange(setting.classes_per_batch, device=setting.device).repeat_interleave(
-        setting.samples_per_class
-    )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        model.dml_loss(pixels, labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step, _ = speed.make_step(method, setting)  # the step bench/speed.py times
     for _ in range(setting.warmup):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setting.device == "cuda" else [])

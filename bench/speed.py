@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 METHODS = (
@@ -95,8 +96,8 @@ def _build(method: str, setting: Setting):
     return get_peft_model(backbone, peft_config)
 
 
-def _run_one(method: str, setting: Setting) -> dict[str, float]:
-    """Runs inside the subprocess: time `steps` training steps (or forward passes for the floor)."""
+def make_step(method: str, setting: Setting) -> tuple[Callable[[], None], list]:
+    """The model of ``method`` on a random batch, as ``(one training step or forward pass, trainable params)``."""
     import torch
 
     model = _build(method, setting).to(setting.device)
@@ -134,6 +135,15 @@ def _run_one(method: str, setting: Setting) -> dict[str, float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step, params
+
+
+def _run_one(method: str, setting: Setting) -> dict[str, float]:
+    """Runs inside the subprocess: time `steps` training steps (or forward passes for the floor)."""
+    import torch
+
+    step, params = make_step(method, setting)
+    batch = setting.classes_per_batch * setting.samples_per_class
     times = []
     for index in range(setting.warmup + setting.steps):
         if setting.device == "cuda":
