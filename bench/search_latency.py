@@ -16,8 +16,8 @@ images, like retrieval embeddings): with the default `--noise 0.75` a vector's c
 uniform random unit vectors: every neighbour is nearly as far as any other, the worst case for approximate search.
 
 Memory. The table's memory column is what the backend keeps besides the index's own float32 embeddings
-(N x dim x 4 bytes), estimated from the FAISS structures; the exact backend keeps nothing but makes a unit-norm
-float32 copy of the gallery for every search call. The process's peak RSS is printed at the end.
+(N x dim x 4 bytes), estimated from the FAISS structures; the exact backend keeps a unit-norm float32 copy of the
+gallery, made on its first search (and again after ``add`` / ``delete``). The process's peak RSS is printed at the end.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def random_unit_vectors(
 def memory_mib(backend: str, index: GalleryIndex, built) -> float:
     """What the backend keeps besides the index's embeddings (estimate from the FAISS structures)."""
     count, dim = len(index), index.dim
+    vectors = count * dim * 4  # exact: the unit-norm float32 gallery it caches; FAISS: its own copy of the vectors
     if backend == "exact":
-        return 0.0
-    vectors = count * dim * 4
+        return vectors / 2**20
     if backend == "faiss-hnsw" and hasattr(built, "hnsw"):
         vectors += built.hnsw.neighbors.size() * 4 + built.hnsw.offsets.size() * 8 + count * 5
     elif backend == "faiss-ivf" and hasattr(built, "nlist"):
