@@ -66,7 +66,8 @@ def random_unit_vectors(
 def memory_mib(backend: str, index: GalleryIndex, built) -> float:
     """What the backend keeps besides the index's embeddings (estimate from the FAISS structures)."""
     count, dim = len(index), index.dim
-    vectors = count * dim * 4  # exact: the unit-norm float32 gallery it caches; FAISS: its own copy of the vectors
+    # exact: the unit-norm float32 gallery it caches; FAISS: its own copy of the vectors
+    vectors = count * dim * 4
     if backend == "exact":
         return vectors / 2**20
     if backend == "faiss-hnsw" and hasattr(built, "hnsw"):
