@@ -21,12 +21,14 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,10 +238,11 @@ def run_one(method: str, seed: int, budget: Budget) -> dict[str, Any]:
     }
 
 
-def _measure(method: str, seed: int, budget: Budget) -> dict[str, Any]:
-    payload = json.dumps({"method": method, "seed": seed, "budget": asdict(budget)})
+def _measure(method: str, seed: int, budget: Budget, threads: int | None = None) -> dict[str, Any]:
+    payload = json.dumps({"method": method, "seed": seed, "budget": asdict(budget), "threads": threads})
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     result = subprocess.run(
-        [sys.executable, __file__, "--worker", payload], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--worker", payload], capture_output=True, text=True, check=False, env=env
     )
     if result.returncode != 0:
         raise RuntimeError(f"{method} (seed {seed}) failed:\n{result.stderr[-3000:]}")
@@ -328,6 +331,14 @@ def main(argv: list[str] | None = None) -> None:
         metavar="FIELD=VALUE",
         help="override any budget field, e.g. --set learning_rate=3e-4 head_warmup_epochs=30 (sweeps)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at once, each with (CPU cores / jobs) torch threads (--quick: 2). Small ViT matmuls use two "
+        "threads poorly, so two 1-thread runs finish sooner than one 2-thread run after the other; step times are "
+        "then those of one thread beside another run",
+    )
     parser.add_argument("--json", help="also write every run's numbers to this file")
     parser.add_argument(
         "--table", nargs="+", metavar="JSON", help="print the table of earlier runs (--json files) and exit"
@@ -339,6 +350,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.worker:
         job = json.loads(args.worker)
+        if job.get("threads"):
+            import torch
+
+            torch.set_num_threads(job["threads"])
         print(json.dumps(run_one(job["method"], job["seed"], Budget(**job["budget"]))))
         return
     budget = _smoke_budget() if args.smoke else _quick_budget() if args.quick else Budget()
@@ -350,25 +365,38 @@ def main(argv: list[str] | None = None) -> None:
     default_seeds = [0, 1, 2]
     seeds = {m: args.seeds or budget.seeds.get(m, default_seeds) for m in args.methods}
     print(f"budget: {asdict(budget) | {'seeds': seeds}}", flush=True)
-    runs, started = [], time.perf_counter()
-    for seed in range(max(max(s) for s in seeds.values()) + 1):
-        for method in args.methods:
-            if seed in seeds[method]:
-                # --smoke runs in this process (seconds instead of a Python start-up per run; its peak RSS is
-                # then cumulative)
-                runs.append(run_one(method, seed, budget) if budget.smoke else _measure(method, seed, budget))
+    jobs = [
+        (method, seed)
+        for seed in range(max(max(s) for s in seeds.values()) + 1)
+        for method in args.methods
+        if seed in seeds[method]
+    ]
+    started = time.perf_counter()
+    # --smoke runs in this process: seconds instead of a Python start-up per run (peak RSS is then cumulative)
+    if budget.smoke:
+        runs = [_report(run_one(method, seed, budget)) for method, seed in jobs]
+    else:
+        parallel = args.jobs or (2 if args.quick else 1)
+        threads = max(len(os.sched_getaffinity(0)) // parallel, 1) if parallel > 1 else None
+        runs = []
+        with ThreadPoolExecutor(parallel) as pool:
+            for run in pool.map(lambda job: _report(_measure(*job, budget, threads)), jobs):
+                runs.append(run)
                 if args.json:  # after every run, so an interrupted benchmark keeps what it measured
                     Path(args.json).write_text(json.dumps(runs, indent=2))
-                run = runs[-1]
-                print(
-                    f"  {method} seed {seed}: R@1 {run['trained']['recall@1']:.4f} "
-                    f"(zero-shot {run['zero_shot']['recall@1']:.4f}), {run['steps']} steps, "
-                    f"{1000 * run['step_s']:.0f} ms/step, {run['wall_s']:.0f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
     print(format_table(runs))
     print(f"\ntotal time: {(time.perf_counter() - started) / 60:.1f} min")
+
+
+def _report(run: dict[str, Any]) -> dict[str, Any]:
+    print(
+        f"  {run['method']} seed {run['seed']}: R@1 {run['trained']['recall@1']:.4f} "
+        f"(zero-shot {run['zero_shot']['recall@1']:.4f}), {run['steps']} steps, "
+        f"{1000 * run['step_s']:.0f} ms/step, {run['wall_s']:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run
 
 
 if __name__ == "__main__":

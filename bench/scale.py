@@ -3,7 +3,9 @@
 One training step of the branch: gather the batch's class prompts, a tiny forward (token MLP -> mean -> head ->
 cosine loss), backward, optimizer step (torch AdamW for the dense table, vpdml's RowSparseAdamW otherwise). The
 backbone is left out on purpose so the table's own cost is what is measured. ``--branch semantic`` adds the rest
-of the semantic-proxy branch (proxy head, GRU, the dense (C, E) learnable proxies and state, Proxy Anchor).
+of the semantic-proxy branch (proxy head, GRU, the (C, E) learnable proxies and state, Proxy Anchor), scored
+against every class or, with ``--proxy-negatives N``, against the batch's classes and N sampled others (row-sparse
+learnable proxies; the config's ``proxy_negatives``).
 
 Each configuration runs in a fresh subprocess. Memory:
 
@@ -18,6 +20,8 @@ run are comparable.
 
     python bench/scale.py                                    # CPU, ~2 min, <= ~5 GB
     python bench/scale.py --branch semantic
+    python bench/scale.py --branch semantic --proxy-negatives 1024 --storages low_rank --classes 100 100000 1000000 \
+        --embedding-dim 512 --max-gb 16
     python bench/scale.py --device cuda --layers 12 --storages dense sparse sparse-offload low_rank
 """
 
@@ -52,6 +56,7 @@ class Setting:
     warmup: int
     max_seconds: float
     threads: int
+    negatives: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -82,7 +87,7 @@ def _build(setting: Setting):
     from torch import nn
 
     from vpdml.proxies import ProxyBank
-    from vpdml.row_sparse import RowSparseAdamW
+    from vpdml.row_sparse import RowSparseAdamW, has_row_sparse_parameters
 
     torch.manual_seed(0)
     device = torch.device(setting.device)
@@ -100,6 +105,7 @@ def _build(setting: Setting):
         class_prompt_storage=storage,
         class_prompt_rank=setting.rank,
         class_prompt_offload=setting.storage == "sparse-offload",
+        negatives=setting.negatives,
     )
     if setting.branch == "class-prompts":  # keep only what the class-prompt branch trains
         del bank.learnable, bank.accumulator, bank.semantic_state
@@ -107,7 +113,7 @@ def _build(setting: Setting):
     head = nn.Linear(setting.hidden, setting.embedding_dim)  # stands in for the embedding head
     modules = nn.ModuleDict({"bank": bank, "tiny": tiny, "head": head}).to(device)
     params = [p for p in modules.parameters() if p.requires_grad]
-    if storage == "dense":
+    if not has_row_sparse_parameters(modules):
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
     else:
         optimizer = RowSparseAdamW(params, lr=1e-4, weight_decay=0.05)
@@ -130,7 +136,8 @@ def _step(modules, optimizer, labels, targets, branch: str) -> None:
         semantic = bank.proxy_head(features)
         rows = bank.accumulate(semantic, labels)
         embeddings = F.normalize(head(features.detach()), dim=-1)
-        loss = proxy_anchor_loss(embeddings, labels, bank.mixed_proxies(rows))
+        proxies = bank.loss_proxies(labels, rows)
+        loss = proxy_anchor_loss(embeddings, labels, proxies.proxies, **proxies.loss_kwargs())
     loss.backward()
     optimizer.step()
 
@@ -212,8 +219,10 @@ def _estimate_gb(setting: Setting) -> float:
     table = setting.num_classes * per_class
     factor = {"dense": 5, "sparse": 3, "sparse-offload": 3, "low_rank": 0}[setting.storage]
     elements = factor * table + (4 * setting.rank * per_class + 3 * setting.num_classes * setting.rank)
-    if setting.branch == "semantic":
-        elements += 8 * setting.num_classes * setting.embedding_dim
+    if (
+        setting.branch == "semantic"
+    ):  # O with its moments and P; the full loss adds O's gradient and temporaries
+        elements += (4 if setting.negatives else 8) * setting.num_classes * setting.embedding_dim
     return 4 * elements / 2**30
 
 
@@ -228,6 +237,10 @@ def _run_subprocess(setting: Setting, timeout: float) -> dict[str, float] | str:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _label(setting: Setting) -> str:
+    return setting.storage + (f" + {setting.negatives:,} negatives" if setting.negatives else "")
+
+
 def _print_table(rows: list[tuple[Setting, dict[str, float] | str]], device: str) -> None:
     host = device.startswith("cuda")
     header = "| classes | storage | table params | step ms (median / min) | peak MB | stored MB | step MB |"
@@ -235,7 +248,7 @@ def _print_table(rows: list[tuple[Setting, dict[str, float] | str]], device: str
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for setting, result in rows:
-        start = f"| {setting.num_classes:,} | {setting.storage} |"
+        start = f"| {setting.num_classes:,} | {_label(setting)} |"
         if isinstance(result, str):
             print(f"{start} {result} |")
             continue
@@ -252,7 +265,7 @@ def _print_ratios(rows: list[tuple[Setting, dict[str, float] | str]]) -> None:
     by_storage: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for setting, result in rows:
         if isinstance(result, dict):
-            by_storage.setdefault(setting.storage, []).append((setting.num_classes, result))
+            by_storage.setdefault(_label(setting), []).append((setting.num_classes, result))
     for storage, results in by_storage.items():
         if len(results) < 2:
             continue
@@ -291,6 +304,12 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared machine)"
     )
     parser.add_argument("--max-gb", type=float, default=8.0, help="skip configs estimated above this")
+    parser.add_argument(
+        "--proxy-negatives",
+        type=int,
+        default=None,
+        help="semantic branch: sampled negative proxies per step (default: every class, the exact loss)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -314,6 +333,7 @@ def main() -> None:
                 warmup=args.warmup,
                 max_seconds=args.max_seconds,
                 threads=args.threads,
+                negatives=args.proxy_negatives,
             )
             estimate = _estimate_gb(setting)
             if estimate > args.max_gb:

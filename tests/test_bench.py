@@ -124,3 +124,31 @@ def test_speed_linear_row_has_no_prompts():
         return sum(p.numel() for p in speed._build(method, setting).parameters() if p.requires_grad)
 
     assert trainable("vpt") - trainable("linear") == 4 * 2 * 32  # 4 prompts x 2 layers x hidden 32
+
+
+def test_scale_prints_its_table_with_sampled_negatives():
+    result = _run(
+        "scale.py",
+        "--branch",
+        "semantic",
+        "--storages",
+        "sparse",
+        "--classes",
+        "50",
+        "3000",
+        "--batch-classes",
+        "8",
+        "--hidden",
+        "16",
+        "--embedding-dim",
+        "8",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--proxy-negatives",
+        "20",
+    )
+    rows = [line for line in result.splitlines() if line.startswith("| 50 |") or line.startswith("| 3,000 |")]
+    assert len(rows) == 2 and all("sparse + 20 negatives" in row for row in rows), result
+    assert "sparse + 20 negatives: 3,000 vs 50 classes: time x" in result

@@ -168,15 +168,21 @@ def stop_at(step: int):
 
 
 @pytest.mark.parametrize(
-    ("storage", "optimizer"),
-    [("dense", "adamw"), ("sparse", "adamw"), ("low_rank", "sgd")],
-    ids=["dense-adamw", "row-sparse-adamw", "low-rank-sgd"],
+    ("storage", "optimizer", "negatives"),
+    [("dense", "adamw", None), ("sparse", "adamw", None), ("low_rank", "sgd", None), ("dense", "adamw", 3)],
+    ids=["dense-adamw", "row-sparse-adamw", "low-rank-sgd", "sampled-negatives-adamw"],
 )
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, storage, optimizer):
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, storage, optimizer, negatives):
     splits = layout_splits(num_classes=24, per_class=4, seed=2, validation_classes=4)  # 12 train classes
     # GRU dropout makes the run depend on torch's global generator; accumulation makes checkpoints fall mid-epoch;
-    # row-sparse class prompts bring their own optimizer (per-row int64 step counts, a float64 decay clock).
-    config = {"gru_dropout": 0.2, "class_prompt_storage": storage, "class_prompt_rank": 4}
+    # row-sparse class prompts bring their own optimizer (per-row int64 step counts, a float64 decay clock);
+    # sampled negatives (3 of the 8 classes outside a batch) draw a sample per step from a saved seed and counter.
+    config = {
+        "gru_dropout": 0.2,
+        "class_prompt_storage": storage,
+        "class_prompt_rank": 4,
+        "proxy_negatives": negatives,
+    }
     settings = {
         "optimizer": optimizer,
         "max_grad_norm": 1.0,

@@ -54,6 +54,7 @@ SCRIPT = textwrap.dedent(
         pooling="mean",
         bitfit=True,
         class_prompt_storage=sys.argv[2],
+        proxy_negatives=None if sys.argv[3] == "all" else int(sys.argv[3]),
     )
     args = TrainingArguments(
         output_dir=str(out), epochs=2, classes_per_batch=4, samples_per_class=2, learning_rate=1e-2,
@@ -63,7 +64,8 @@ SCRIPT = textwrap.dedent(
     result = train(model, splits, args, image_processor=NORMALISATION)
     state = PartialState()
     tensors = {{name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}}
-    tensors["semantic_state"] = model.base_model.dml_proxies["default"].semantic_state.contiguous()
+    bank = model.base_model.dml_proxies["default"]
+    tensors.update({{name: buffer.contiguous() for name, buffer in bank.named_buffers()}})
     save_file(tensors, str(out / f"rank{{state.process_index}}.safetensors"))
     report = {{"metrics": result.metrics, "history": result.history, "num_processes": state.num_processes}}
     (out / f"rank{{state.process_index}}.json").write_text(json.dumps(report))
@@ -79,14 +81,16 @@ def run(command: list[str], cwd: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("storage", ["dense", "sparse"])
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, storage):
-    """``sparse`` class prompts have row-sparse gradients, which bypass DDP and are all-gathered by vpdml."""
+@pytest.mark.parametrize(("storage", "negatives"), [("dense", "all"), ("sparse", "all"), ("dense", "5")])
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, storage, negatives):
+    """``sparse`` class prompts have row-sparse gradients, which bypass DDP and are all-gathered by vpdml. With 5
+    sampled negatives (of the 16 classes outside a batch) the learnable proxies are row-sparse too, and every process
+    must draw the one-process run's sample from the global batch's classes."""
     script = tmp_path / "train_tiny.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
-    run([sys.executable, str(script), str(tmp_path / "one"), storage], tmp_path)
+    run([sys.executable, str(script), str(tmp_path / "one"), storage, negatives], tmp_path)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run([*launcher, str(script), str(tmp_path / "two"), storage], tmp_path)
+    run([*launcher, str(script), str(tmp_path / "two"), storage, negatives], tmp_path)
 
     reports = {
         name: json.loads((tmp_path / name).read_text()) for name in ("one/rank0.json", "two/rank0.json")

@@ -8,7 +8,7 @@ from .architectures import SUPPORTED_MODEL_TYPES, UnsupportedBackboneError
 from .config import METHOD_PRESETS, VisualPromptDMLConfig
 from .full_finetune import FullFineTuningDML
 from .losses import ProxyAnchorLoss, proxy_anchor_loss
-from .model import DMLLossOutput, VisualPromptDMLModel
+from .model import DMLForwardOutput, DMLLossOutput, VisualPromptDMLModel
 from .registration import VPDML_PEFT_TYPE, register_with_peft
 from .training_state import load_training_state, save_training_state
 
@@ -20,6 +20,7 @@ __all__ = [
     "METHOD_PRESETS",
     "SUPPORTED_MODEL_TYPES",
     "VPDML_PEFT_TYPE",
+    "DMLForwardOutput",
     "DMLLossOutput",
     "FullFineTuningDML",
     "ProxyAnchorLoss",

@@ -60,6 +60,7 @@ ADAPTER_OPTIONS = (
     "proxy_anchor_scale",
     "proxy_anchor_margin",
     "proxy_anchor_positive_average",
+    "proxy_negatives",
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Run-level flags that are not TrainingArguments fields.

@@ -164,6 +164,18 @@ class VisualPromptDMLConfig(PeftConfig):
             "or by 'all_classes' (what the official VPTSP code does; weakens the pull ~C/P times)."
         },
     )
+    proxy_negatives: int | None = field(
+        default=None,
+        metadata={
+            "help": "Score each batch against its own classes plus this many other classes drawn at random (with "
+            "replacement) instead of all C proxies; the drawn classes' terms are reweighted so the loss and its "
+            "gradients are unbiased estimates of the full Proxy Anchor loss. The learnable proxies then get "
+            "row-sparse gradients (only the sampled rows are updated, with per-row Adam steps: needs "
+            "vpdml.row_sparse.RowSparseAdamW/RowSparseSGD, which vpdml's trainer picks) and a step costs "
+            "(batch classes + negatives) x embedding_dim instead of C x embedding_dim. None (default): every class, "
+            "the exact loss. For ~1M classes (docs/scale.md); about 10% of C, or a few thousand, is a start."
+        },
+    )
     # --- backbone signature (filled on injection, checked on load) ---------------------------------------------
     backbone_signature: dict[str, Any] | None = field(
         default=None,
@@ -223,6 +235,7 @@ class VisualPromptDMLConfig(PeftConfig):
         _check_range(self, "proxy_anchor_scale", 0.0, math.inf, include_low=False)
         _check_range(self, "proxy_anchor_margin", 0.0, 1.0, include_high=False)
         _check_choice(self, "proxy_anchor_positive_average", ("classes_with_positives", "all_classes"))
+        _check_optional_int(self, "proxy_negatives", minimum=1)
         if not isinstance(self.bitfit, bool):
             raise ValueError(f"VisualPromptDMLConfig.bitfit must be True or False, got {self.bitfit!r}.")
         if self.uses_semantic_proxies and self.num_classes is None:

@@ -36,6 +36,7 @@ class FullFineTuningDML(nn.Module):
         proxy_anchor_scale: float = 32.0,
         proxy_anchor_margin: float = 0.1,
         proxy_anchor_positive_average: str = "classes_with_positives",
+        proxy_negatives: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -48,6 +49,7 @@ class FullFineTuningDML(nn.Module):
             "proxy_anchor_scale": proxy_anchor_scale,
             "proxy_anchor_margin": proxy_anchor_margin,
             "proxy_anchor_positive_average": proxy_anchor_positive_average,
+            "proxy_negatives": proxy_negatives,
         }
         self.head = EmbeddingHead(self.backbone_info.hidden_size, dim)
         self.proxies = ProxyBank(
@@ -59,6 +61,7 @@ class FullFineTuningDML(nn.Module):
             keep_ratio=0.0,
             gru_dropout=0.0,
             mix_alpha=1.0,
+            negatives=proxy_negatives,
         )
         self.backbone.requires_grad_(True)
 
@@ -67,13 +70,16 @@ class FullFineTuningDML(nn.Module):
         return self.head(features)
 
     def dml_loss(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.long()
+        proxies = self.proxies.loss_proxies(labels)
         return proxy_anchor_loss(
             self.embed(pixel_values),
-            labels.long(),
-            self.proxies.mixed_proxies(),
+            labels,
+            proxies.proxies,
             scale=self.settings["proxy_anchor_scale"],
             margin=self.settings["proxy_anchor_margin"],
             positive_average=self.settings["proxy_anchor_positive_average"],
+            **proxies.loss_kwargs(),
         )
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .data import ClassBalancedBatchSampler, label_array
 from .evaluation import embed_rows
 from .losses import proxy_anchor_loss
-from .objective import loss_settings, normalised_proxies, proxy_bank_of
+from .objective import loss_settings, proxy_bank_of
+from .row_sparse import RowSparseAdamW, has_row_sparse_parameters
 from .training_args import TrainingArguments
 
 __all__ = ["cache_head_inputs", "warm_up_head"]
@@ -107,7 +108,9 @@ def warm_up_head(
         raise ValueError("The model has no learnable proxies: build it with num_classes=<training classes>.")
     weights = [p for p in head.parameters() if p.ndim >= 2]
     others = [p for p in head.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
+    # Sampled negatives make the proxies' gradient row-sparse, which torch's AdamW refuses.
+    optimizer_class = RowSparseAdamW if has_row_sparse_parameters(bank) else torch.optim.AdamW
+    optimizer = optimizer_class(
         [
             {"params": weights, "weight_decay": args.weight_decay},
             {"params": others, "weight_decay": 0.0},
@@ -135,8 +138,9 @@ def warm_up_head(
         total, batches = 0.0, 0
         for indices in sampler:
             index = torch.as_tensor(indices, device=device)
+            proxies = bank.loss_proxies(labels[index], learnable_only=True)
             loss = proxy_anchor_loss(
-                head(features[index]), labels[index], normalised_proxies(model), **settings
+                head(features[index]), labels[index], proxies.proxies, **settings, **proxies.loss_kwargs()
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

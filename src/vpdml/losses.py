@@ -22,6 +22,9 @@ def proxy_anchor_loss(
     scale: float = 32.0,
     margin: float = 0.1,
     positive_average: str = "classes_with_positives",
+    proxy_classes: torch.Tensor | None = None,
+    negative_weights: torch.Tensor | None = None,
+    num_classes: int | None = None,
 ) -> torch.Tensor:
     """Proxy Anchor loss.
 
@@ -31,31 +34,54 @@ def proxy_anchor_loss(
     ``P+`` are the proxies with at least one positive in the batch (the published form). With
     ``positive_average="all_classes"`` the positive term is divided by all C proxies instead, as the official
     VPTSP code does.
+
+    Sampled proxies (``VisualPromptDMLConfig.proxy_negatives``, docs/scale.md): ``proxies`` may hold only the rows
+    ``proxy_classes`` (sorted class ids, every label among them) of ``num_classes`` classes. ``negative_weights``
+    then scales each row's negative term (1 for the batch's classes, ``(C - |batch classes|) / draws`` per draw
+    of another class), so that ``neg`` above, still divided by ``num_classes``, is an unbiased estimate of the
+    full sum. Without them this is the exact loss over every row of ``proxies``.
     """
     if embeddings.dim() != 2 or proxies.dim() != 2 or embeddings.shape[1] != proxies.shape[1]:
         raise ValueError(
             f"proxy_anchor_loss expects embeddings (B, E) and proxies (C, E); got {tuple(embeddings.shape)} and "
             f"{tuple(proxies.shape)}."
         )
-    if labels.numel() and (labels.min() < 0 or labels.max() >= proxies.shape[0]):
+    total = proxies.shape[0] if num_classes is None else num_classes
+    if labels.numel() and (labels.min() < 0 or labels.max() >= total):
         raise ValueError(
-            f"Labels must lie in [0, {proxies.shape[0] - 1}] (one proxy per training class); got labels in "
+            f"Labels must lie in [0, {total - 1}] (one proxy per training class); got labels in "
             f"[{int(labels.min())}, {int(labels.max())}]. Remap labels to 0..C-1 or raise num_classes."
         )
+    if proxy_classes is not None:
+        labels = _positions_in(proxy_classes, labels)
     cosine = F.normalize(embeddings.float(), dim=-1) @ F.normalize(proxies.float(), dim=-1).T  # (B, C)
     positive = F.one_hot(labels, proxies.shape[0]).bool()
     pos_terms = _log1p_sum_exp(-scale * (cosine - margin), positive)
     neg_terms = _log1p_sum_exp(scale * (cosine + margin), ~positive)
+    if negative_weights is not None:
+        neg_terms = neg_terms * negative_weights.to(neg_terms.dtype)
     with_positives = positive.any(dim=0)
     if positive_average == "all_classes":
-        pos_denominator = proxies.shape[0]
+        pos_denominator = total
     elif positive_average == "classes_with_positives":
         pos_denominator = int(with_positives.sum().clamp(min=1))
     else:
         raise ValueError(
             f"positive_average must be 'classes_with_positives' or 'all_classes', got {positive_average!r}."
         )
-    return pos_terms[with_positives].sum() / pos_denominator + neg_terms.sum() / proxies.shape[0]
+    return pos_terms[with_positives].sum() / pos_denominator + neg_terms.sum() / total
+
+
+def _positions_in(proxy_classes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Row of each label in the sorted ``proxy_classes``; every label must be there (its positive proxy)."""
+    positions = torch.searchsorted(proxy_classes, labels).clamp(max=proxy_classes.numel() - 1)
+    missing = proxy_classes[positions] != labels
+    if bool(missing.any()):
+        raise ValueError(
+            f"proxy_classes must contain every label (each sample needs its positive proxy); missing "
+            f"{sorted(set(labels[missing].tolist()))[:10]}."
+        )
+    return positions
 
 
 class ProxyAnchorLoss(nn.Module):

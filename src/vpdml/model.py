@@ -45,13 +45,26 @@ ADAPTER_CONTAINERS: tuple[str, ...] = (*INFERENCE_CONTAINERS, TRAINING_CONTAINER
 
 
 @dataclass
+class DMLForwardOutput:
+    """A batch's pass through the model before the loss (:meth:`VisualPromptDMLModel.dml_forward`)."""
+
+    embeddings: torch.Tensor
+    #: the proxy head's outputs of the proxy pass (VPTSP), one per image re-encoded with its class prompts
+    semantic_embeddings: torch.Tensor | None = None
+    #: ``(classes, rows)``: this step's semantic-proxy state of the batch's classes, with its graph
+    semantic_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
 class DMLLossOutput:
     """What :meth:`VisualPromptDMLModel.dml_loss` computed, for logging and tests."""
 
     loss: torch.Tensor
     embeddings: torch.Tensor
+    #: the normalised proxies scored against: ``(C, E)``, or ``(S, E)`` for ``proxy_classes`` (sampled negatives)
     proxies: torch.Tensor
     semantic_embeddings: torch.Tensor | None = None
+    proxy_classes: torch.Tensor | None = None
 
 
 class VisualPromptDMLModel(BaseTuner):
@@ -142,6 +155,7 @@ class VisualPromptDMLModel(BaseTuner):
                 class_prompt_storage=config.class_prompt_storage,
                 class_prompt_rank=config.class_prompt_rank,
                 class_prompt_offload=config.class_prompt_offload,
+                negatives=config.proxy_negatives,
             ).to(device)  # an offloaded class-prompt table ignores this move and stays in host memory
 
     # --------------------------------------------------------------------------------- prompt and bias routing
@@ -268,6 +282,40 @@ class VisualPromptDMLModel(BaseTuner):
         return lookup
 
     # ---------------------------------------------------------------------------------------------------- loss
+    def dml_forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor, *, adapter_name: str | None = None
+    ) -> DMLForwardOutput:
+        """Embeddings of a batch and, with semantic proxies, this step's semantic-proxy rows (no loss yet).
+
+        With semantic proxies, a second backbone pass gives each image its class's prompts; the proxy head turns
+        the result into semantic vectors that update the per-class state (in training mode). When the class
+        prompts have the shared prompts' per-layer counts (and ``fuse_proxy_pass``), both passes run as one
+        backbone pass over the concatenated batch.
+        """
+        adapter = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter]
+        bank = self._proxy_bank(adapter)
+        labels = self._check_labels(labels, pixel_values, bank.num_classes)
+        # record_function scopes name the phases in torch.profiler traces (bench/profile_step.py); free otherwise
+        if not bank.uses_semantic_proxies:
+            with record_function("vpdml.sample_pass"):
+                return DMLForwardOutput(self.embed(pixel_values, adapter_name=adapter))
+        chosen = _first_per_class(labels, config.semantic_images_per_class)
+        if self._can_fuse_proxy_pass(adapter, bank, config):
+            self._check_pixel_values(pixel_values)
+            with record_function("vpdml.fused_passes"):
+                embeddings, semantic = self._fused_passes(bank, pixel_values, labels, chosen, adapter, config)
+        else:
+            with record_function("vpdml.sample_pass"):
+                embeddings = self.embed(pixel_values, adapter_name=adapter)
+            with record_function("vpdml.proxy_pass"):
+                semantic = self._semantic_embeddings(
+                    bank, pixel_values[chosen], labels[chosen], adapter, config
+                )
+        with record_function("vpdml.proxy_state"):
+            semantic_rows = bank.accumulate(semantic, labels[chosen])
+        return DMLForwardOutput(embeddings, semantic, semantic_rows)
+
     def dml_loss(
         self,
         pixel_values: torch.Tensor,
@@ -276,57 +324,38 @@ class VisualPromptDMLModel(BaseTuner):
         adapter_name: str | None = None,
         return_outputs: bool = False,
     ) -> torch.Tensor | DMLLossOutput:
-        """Proxy-Anchor loss of a batch against the adapter's (semantic) proxies.
-
-        With semantic proxies, a second backbone pass gives each image its class's prompts; the proxy head turns
-        the result into semantic vectors that update the per-class state (in training mode) and form the proxies.
-        When the class prompts have the shared prompts' per-layer counts (and ``fuse_proxy_pass``), both passes
-        run as one backbone pass over the concatenated batch.
-        """
+        """Proxy-Anchor loss of a batch against the adapter's (semantic) proxies (:meth:`dml_forward`, then the
+        loss over every class's proxy, or over the batch's classes and sampled negatives with
+        ``proxy_negatives``)."""
         adapter = self._resolve_adapter(adapter_name)
         config = self.peft_config[adapter]
+        bank = self._proxy_bank(adapter)
+        labels = self._check_labels(labels, pixel_values, bank.num_classes)
+        outputs = self.dml_forward(pixel_values, labels, adapter_name=adapter)
+        with record_function("vpdml.proxies_and_loss"):
+            proxies = bank.loss_proxies(labels, outputs.semantic_rows)
+            loss = proxy_anchor_loss(
+                outputs.embeddings,
+                labels,
+                proxies.proxies,
+                scale=config.proxy_anchor_scale,
+                margin=config.proxy_anchor_margin,
+                positive_average=config.proxy_anchor_positive_average,
+                **proxies.loss_kwargs(),
+            )
+        if return_outputs:
+            return DMLLossOutput(
+                loss, outputs.embeddings, proxies.proxies, outputs.semantic_embeddings, proxies.classes
+            )
+        return loss
+
+    def _proxy_bank(self, adapter: str) -> ProxyBank:
         if adapter not in self.dml_proxies:
             raise ValueError(
                 f"Adapter {adapter!r} has no proxies: create it with VisualPromptDMLConfig(num_classes=...) to "
                 "train it (an adapter loaded for inference only embeds)."
             )
-        bank: ProxyBank = self.dml_proxies[adapter]
-        labels = self._check_labels(labels, pixel_values, bank.num_classes)
-        semantic, semantic_rows = None, None
-        # record_function scopes name the phases in torch.profiler traces (bench/profile_step.py); free otherwise
-        if not bank.uses_semantic_proxies:
-            with record_function("vpdml.sample_pass"):
-                embeddings = self.embed(pixel_values, adapter_name=adapter)
-        else:
-            chosen = _first_per_class(labels, config.semantic_images_per_class)
-            if self._can_fuse_proxy_pass(adapter, bank, config):
-                self._check_pixel_values(pixel_values)
-                with record_function("vpdml.fused_passes"):
-                    embeddings, semantic = self._fused_passes(
-                        bank, pixel_values, labels, chosen, adapter, config
-                    )
-            else:
-                with record_function("vpdml.sample_pass"):
-                    embeddings = self.embed(pixel_values, adapter_name=adapter)
-                with record_function("vpdml.proxy_pass"):
-                    semantic = self._semantic_embeddings(
-                        bank, pixel_values[chosen], labels[chosen], adapter, config
-                    )
-            with record_function("vpdml.proxy_state"):
-                semantic_rows = bank.accumulate(semantic, labels[chosen])
-        with record_function("vpdml.proxies_and_loss"):
-            proxies = bank.mixed_proxies(semantic_rows)
-            loss = proxy_anchor_loss(
-                embeddings,
-                labels,
-                proxies,
-                scale=config.proxy_anchor_scale,
-                margin=config.proxy_anchor_margin,
-                positive_average=config.proxy_anchor_positive_average,
-            )
-        if return_outputs:
-            return DMLLossOutput(loss, embeddings, proxies, semantic)
-        return loss
+        return self.dml_proxies[adapter]
 
     def _semantic_embeddings(
         self,

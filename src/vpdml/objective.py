@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
@@ -43,6 +42,7 @@ __all__ = [
     "DMLObjective",
     "all_gather_rows",
     "all_reduce_row_sparse_gradients",
+    "broadcast_buffers",
     "exclude_from_ddp",
     "proxy_bank_of",
 ]
@@ -51,7 +51,8 @@ __all__ = [
 @dataclass
 class _LossInputs:
     embeddings: torch.Tensor
-    proxies: torch.Tensor
+    bank: ProxyBank
+    semantic_rows: tuple[torch.Tensor, torch.Tensor] | None
     settings: dict[str, Any]
 
 
@@ -81,12 +82,15 @@ def loss_settings(model: nn.Module) -> dict[str, Any]:
 
 
 def _loss_inputs(model: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor) -> _LossInputs:
-    """Embeddings and this step's proxies (their graph included) of the local batch."""
+    """Embeddings, the proxy bank and this step's semantic-proxy rows (with their graph) of the local batch."""
+    bank = proxy_bank_of(model)
+    if bank is None:
+        raise ValueError("The model has no proxies: build it with num_classes=<number of training classes>.")
     if isinstance(model, PeftModel):
-        outputs = model.dml_loss(pixel_values, labels, return_outputs=True)
-        return _LossInputs(outputs.embeddings, outputs.proxies, loss_settings(model))
+        outputs = model.dml_forward(pixel_values, labels)
+        return _LossInputs(outputs.embeddings, bank, outputs.semantic_rows, loss_settings(model))
     if isinstance(model, FullFineTuningDML):
-        return _LossInputs(model.embed(pixel_values), model.proxies.mixed_proxies(), loss_settings(model))
+        return _LossInputs(model.embed(pixel_values), bank, None, loss_settings(model))
     raise TypeError(f"Expected a PeftModel or FullFineTuningDML, got {type(model).__name__}.")
 
 
@@ -167,18 +171,23 @@ class DMLObjective(nn.Module):
         labels = labels.long()
         inputs = _loss_inputs(self.model, pixel_values, labels)
         if _world_size() == 1:
-            return proxy_anchor_loss(inputs.embeddings, labels, inputs.proxies, **inputs.settings)
+            proxies = inputs.bank.loss_proxies(labels, inputs.semantic_rows)
+            return proxy_anchor_loss(
+                inputs.embeddings, labels, proxies.proxies, **inputs.settings, **proxies.loss_kwargs()
+            )
         local_classes = torch.unique(labels)
         self._synchronise_semantic_state(local_classes)
         embeddings = all_gather_rows(inputs.embeddings, differentiable=True)
         all_labels = all_gather_rows(labels)
-        # This step's proxy rows of the batch classes live on the process that updated them: gather them (with
-        # their graph) so every process scores the global batch against the same proxies.
+        # Every process builds the proxies of the global batch (sampled negatives: the same sample everywhere, a
+        # function of the global batch's classes and the step). This step's rows of the batch classes live on the
+        # process that updated them: gather them (with their graph) and put them in place.
+        proxies = inputs.bank.loss_proxies(all_labels, inputs.semantic_rows)
         classes = all_gather_rows(local_classes)
-        rows = all_gather_rows(inputs.proxies[local_classes], differentiable=True)
+        rows = all_gather_rows(proxies.proxies[proxies.rows_of(local_classes)], differentiable=True)
         keep = _last_occurrence(classes)
-        proxies = inputs.proxies.index_put((classes[keep],), rows[keep])
-        return proxy_anchor_loss(embeddings, all_labels, proxies, **inputs.settings)
+        merged = proxies.proxies.index_put((proxies.rows_of(classes[keep]),), rows[keep])
+        return proxy_anchor_loss(embeddings, all_labels, merged, **inputs.settings, **proxies.loss_kwargs())
 
     @torch.no_grad()
     def _synchronise_semantic_state(self, local_classes: torch.Tensor) -> None:
@@ -192,14 +201,6 @@ class DMLObjective(nn.Module):
         bank.semantic_state[classes[keep]] = rows[keep]
 
 
-def normalised_proxies(model: nn.Module) -> torch.Tensor:
-    """``normalise(O)``: the learnable proxies alone (used by the head warm-up)."""
-    bank = proxy_bank_of(model)
-    if bank is None:
-        raise ValueError("The model has no proxies: build it with num_classes=<number of training classes>.")
-    return F.normalize(bank.learnable, dim=-1)
-
-
 def exclude_from_ddp(module: nn.Module, parameters: list[nn.Parameter]) -> None:
     """Make DDP (created later on ``module``) leave ``parameters`` alone, and give every process rank 0's values
     (DDP's own start-up broadcast skips them)."""
@@ -210,6 +211,17 @@ def exclude_from_ddp(module: nn.Module, parameters: list[nn.Parameter]) -> None:
     with torch.no_grad():
         for param in parameters:
             dist.broadcast(param.data, src=0)
+
+
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every process rank 0's buffers (semantic-proxy state, negative-sampling seed and step) once, before
+    training: DDP's start-up broadcast skips buffers when ``broadcast_buffers=False``, and processes that built
+    the model unseeded would otherwise start from different states and draw different negative samples."""
+    if _world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 @torch.no_grad()

@@ -7,13 +7,17 @@ by EMA or a GRU; the loss uses Q_c = normalise((1 - alpha) * P_c + alpha * O_c) 
 
 Everything here is training-only: none of it is needed to embed images.
 
-The class prompts are stored by :mod:`vpdml.class_prompt_tables` (dense, row-sparse or low-rank). The learnable
-proxies O and the state P stay dense ``(C, E)`` tensors on purpose: Proxy Anchor's negative term compares every
-sample with every proxy, so each step reads every row of P and gives every row of O a non-zero gradient. A
-row-sparse O would only pay off with sampled negatives, which is a different loss (docs/scale.md).
+The class prompts are stored by :mod:`vpdml.class_prompt_tables` (dense, row-sparse or low-rank). Proxy Anchor's
+negative term compares every sample with every proxy, so by default each step reads every row of P and gives every
+row of O a gradient: a ``(C, E)`` cost per step, fine up to ~100k classes. With ``negatives`` (the config's
+``proxy_negatives``) a step scores the batch's classes plus that many sampled other classes, reweighted to an
+unbiased estimate of the full loss; O then gets a row-sparse gradient and a step costs ``(B + negatives) x E``
+whatever C (docs/scale.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +25,15 @@ from torch import nn
 
 from .class_prompt_tables import ClassPromptTable, build_class_prompt_table
 from .heads import EmbeddingHead
+from .row_sparse import gather_rows
 
 __all__ = [
     "ClassPromptTable",
     "EMAAccumulator",
     "GRUAccumulator",
+    "LossProxies",
     "ProxyBank",
+    "sample_negative_classes",
     "scatter_mean",
 ]
 
@@ -96,6 +103,59 @@ def _rank_within_class(inverse: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (one_hot.cumsum(0) * one_hot).sum(-1) - 1
 
 
+@dataclass
+class LossProxies:
+    """The proxies one Proxy-Anchor step scores against: every class, or a sample of the classes.
+
+    ``classes`` is None when ``proxies`` holds all ``num_classes`` rows in class order; otherwise the sorted class
+    id of each row, with ``negative_weights`` for the unbiased negative term (:func:`vpdml.losses.proxy_anchor_loss`).
+    """
+
+    proxies: torch.Tensor
+    num_classes: int
+    classes: torch.Tensor | None = None
+    negative_weights: torch.Tensor | None = None
+
+    def rows_of(self, class_ids: torch.Tensor) -> torch.Tensor:
+        """Row index in ``proxies`` of each class id (which must be among ``classes``)."""
+        if self.classes is None:
+            return class_ids
+        return torch.searchsorted(self.classes, class_ids)
+
+    def loss_kwargs(self) -> dict[str, torch.Tensor | int | None]:
+        """The sampling arguments of :func:`vpdml.losses.proxy_anchor_loss`."""
+        return {
+            "proxy_classes": self.classes,
+            "negative_weights": self.negative_weights,
+            "num_classes": self.num_classes,
+        }
+
+
+def sample_negative_classes(
+    batch_classes: torch.Tensor, num_classes: int, draws: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The batch's classes plus ``draws`` classes drawn uniformly, with replacement, from the other classes.
+
+    Returns ``(classes, weights)``: the distinct sampled classes, sorted, and each one's weight in Proxy Anchor's
+    negative term (1 for a batch class; ``count * (C - U) / draws`` for another class drawn ``count`` times, U the
+    number of batch classes), so that the weighted sum is an unbiased estimate of the sum over all C classes.
+    Returns None when ``draws`` covers the other classes anyway (then score every class: the exact loss).
+    Costs O(draws log U), not O(C): the r-th class outside the batch is ``r + #{j : b_j - j <= r}`` for the
+    sorted batch classes b.
+    """
+    batch_classes = torch.unique(batch_classes).cpu()
+    others = num_classes - batch_classes.numel()
+    if draws >= others:
+        return None
+    draws_ = torch.randint(others, (draws,), generator=generator)
+    shifted = batch_classes - torch.arange(batch_classes.numel())
+    drawn = draws_ + torch.searchsorted(shifted, draws_, right=True)
+    classes, counts = torch.unique(torch.cat([batch_classes, drawn]), return_counts=True)
+    in_batch = torch.isin(classes, batch_classes)
+    weights = torch.where(in_batch, 1.0, counts.double() * (others / draws))
+    return classes, weights.float()
+
+
 class ProxyBank(nn.Module):
     """The training-only half of an adapter: learnable proxies, and (VPTSP) class prompts, a proxy head,
     the accumulator and the per-class semantic-proxy state."""
@@ -114,12 +174,25 @@ class ProxyBank(nn.Module):
         class_prompt_storage: str = "dense",
         class_prompt_rank: int = 64,
         class_prompt_offload: bool = False,
+        negatives: int | None = None,
     ) -> None:
         super().__init__()
         self.semantic_kind = semantic_proxies
         self.mix_alpha = mix_alpha
+        self.negatives = negatives
         self.learnable = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.kaiming_normal_(self.learnable, mode="fan_out")  # as in Proxy Anchor
+        if negatives is not None:
+            if negatives < 1:
+                raise ValueError(f"proxy_negatives must be >= 1 (or None for every class), got {negatives}.")
+            # Sampled proxies: O is read through gather_rows, so its gradient holds the sampled rows only.
+            self.row_sparse_params = ("learnable",)
+            # (seed, steps taken): the sample of a step is a function of both, so every process draws the same
+            # sample and a resumed run draws the samples the uninterrupted one would have (saved with the state).
+            # The seed is the global generator's, read without drawing from it: the rest of the initialisation
+            # stays that of a model without sampling.
+            seed = torch.initial_seed() % 2**62
+            self.register_buffer("negative_sampling", torch.tensor([seed, 0], dtype=torch.long))
         if semantic_proxies == "none":
             return
         self.class_prompts = build_class_prompt_table(
@@ -161,6 +234,46 @@ class ProxyBank(nn.Module):
             batch = torch.lerp(rows.to(mixed.dtype), self.learnable[classes], self.mix_alpha)
             mixed = mixed.index_put_((classes,), batch)
         return F.normalize(mixed, dim=-1)
+
+    def loss_proxies(
+        self,
+        labels: torch.Tensor,
+        semantic_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        learnable_only: bool = False,
+    ) -> LossProxies:
+        """The proxies this step's loss scores ``labels`` against: :meth:`mixed_proxies` for every class or, with
+        sampled negatives, for the batch's classes and a fresh sample of other classes (a new sample per call in
+        training mode). ``learnable_only`` uses ``normalise(O)`` (the head warm-up's proxies)."""
+        if self.negatives is None:
+            if learnable_only:
+                return LossProxies(F.normalize(self.learnable, dim=-1), self.num_classes)
+            return LossProxies(self.mixed_proxies(semantic_rows), self.num_classes)
+        seed, step = (int(v) for v in self.negative_sampling)
+        if self.training:
+            self.negative_sampling[1] += 1
+        generator = torch.Generator().manual_seed((seed + step * 0x9E3779B97F4A7C15) % 2**63)
+        sample = sample_negative_classes(labels, self.num_classes, self.negatives, generator)
+        if sample is None:
+            classes, weights = torch.arange(self.num_classes), None
+        else:
+            classes, weights = sample
+            weights = weights.to(labels.device)
+        learnable = gather_rows(self.learnable, classes, labels.device)
+        loss_proxies = LossProxies(learnable, self.num_classes, classes.to(labels.device), weights)
+        if learnable_only or not self.uses_semantic_proxies:
+            loss_proxies.proxies = F.normalize(learnable, dim=-1)
+            return loss_proxies
+        state = self.semantic_state.index_select(0, classes.to(self.semantic_state.device))
+        mixed = torch.lerp(state.to(labels.device, learnable.dtype), learnable, self.mix_alpha)
+        if semantic_rows is not None:
+            batch_classes, rows = semantic_rows
+            where = loss_proxies.rows_of(batch_classes)
+            mixed = mixed.index_put(
+                (where,), torch.lerp(rows.to(mixed.dtype), learnable[where], self.mix_alpha)
+            )
+        loss_proxies.proxies = F.normalize(mixed, dim=-1)
+        return loss_proxies
 
     def accumulate(self, semantic: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the state rows of the batch's classes from their semantic vectors; returns the new rows with

@@ -100,7 +100,13 @@ from .evaluation import (
 from .full_finetune import FullFineTuningDML
 from .head_warmup import warm_up_head
 from .metrics import nearest_neighbors
-from .objective import DMLObjective, all_reduce_row_sparse_gradients, exclude_from_ddp, proxy_bank_of
+from .objective import (
+    DMLObjective,
+    all_reduce_row_sparse_gradients,
+    broadcast_buffers,
+    exclude_from_ddp,
+    proxy_bank_of,
+)
 from .row_sparse import RowSparseAdamW, RowSparseSGD, has_row_sparse_parameters, row_sparse_parameters
 from .row_sparse import clip_grad_norm_ as clip_sparse_grad_norm_
 from .training_args import METHODS, RECIPES, Recipe, TrainingArguments, trackers
@@ -148,6 +154,7 @@ _FULL_FINETUNE_OPTIONS = {
     "proxy_anchor_scale",
     "proxy_anchor_margin",
     "proxy_anchor_positive_average",
+    "proxy_negatives",
 }
 
 
@@ -742,6 +749,7 @@ class _Trainer:
         objective = DMLObjective(self.model)
         self.sparse_parameters = [p for p in row_sparse_parameters(self.model) if p.requires_grad]
         exclude_from_ddp(objective, self.sparse_parameters)  # DDP cannot reduce sparse gradients
+        broadcast_buffers(objective)
         with warnings.catch_warnings():
             # torch deprecates DDP's broadcast_buffers in favour of an option accelerate does not expose yet; turning
             # the per-forward buffer broadcast off is what we want (DMLObjective keeps the buffers in sync).
