@@ -152,3 +152,20 @@ def test_scale_prints_its_table_with_sampled_negatives():
     rows = [line for line in result.splitlines() if line.startswith("| 50 |") or line.startswith("| 3,000 |")]
     assert len(rows) == 2 and all("sparse + 20 negatives" in row for row in rows), result
     assert "sparse + 20 negatives: 3,000 vs 50 classes: time x" in result
+
+
+def test_recipe_memory_runs_real_steps_of_a_recipe():
+    result = _run(
+        "recipe_memory.py",
+        *("--recipe", "inshop", "--num-classes", "40", "--hidden", "16", "--layers", "2", "--heads", "2"),
+        *("--steps", "2", "--storages", "dense", "sparse"),
+    )
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in result.splitlines()
+        if line.startswith("| dense") or line.startswith("| sparse")
+    }
+    assert rows.keys() == {"dense", "sparse"}, result
+    # In-Shop's prompts: 80 class prompts in each of the 2 layers of width 16, for 40 classes = 0.1M values.
+    assert all("| 0.10M |" in row for row in rows.values()), result
+    assert "recipe=inshop: 40 classes, batch 32 x 1" in result

@@ -223,3 +223,44 @@ def test_full_fine_tuning_and_head_warm_up_take_sampled_negatives(pixels, labels
 def test_proxy_negatives_is_validated(value, message):
     with pytest.raises(ValueError, match=message):
         VisualPromptDMLConfig.for_method("vptsp-g", num_classes=5, proxy_negatives=value)
+
+
+def test_offloaded_proxies_stay_in_host_memory_and_train_like_the_others(pixels, labels):
+    models = {"on device": _model(300, 6), "offloaded": _model(300, 6, proxy_offload=True)}
+    assert [n for n, _ in models["on device"].named_parameters()] == [
+        n for n, _ in models["offloaded"].named_parameters()
+    ]  # registration order kept: optimizer state is matched by position
+    optimizers = {
+        name: RowSparseAdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.05)
+        for name, model in models.items()
+    }
+    for step in range(3):
+        losses = {}
+        for name, model in models.items():
+            model.train()
+            torch.manual_seed(step)
+            optimizers[name].zero_grad()
+            loss = model.dml_loss(pixels, labels)
+            loss.backward()
+            optimizers[name].step()
+            losses[name] = loss.item()
+        assert losses["on device"] == losses["offloaded"]
+    for key, value in _bank(models["on device"]).state_dict().items():
+        assert torch.equal(_bank(models["offloaded"]).state_dict()[key], value), key
+    # A move (here a dtype change; on a GPU, .cuda()) leaves the proxies and the state where they are, in fp32.
+    bank = _bank(models["offloaded"])
+    learnable, state = bank.learnable, bank.semantic_state
+    models["offloaded"].double()
+    assert bank.learnable is learnable and bank.learnable.dtype == torch.float32
+    assert bank.semantic_state is state and bank.semantic_state.dtype == torch.float32
+    assert bank.proxy_head.proj.weight.dtype == torch.float64  # the rest of the bank moves as usual
+    assert bank.negative_sampling.dtype == torch.long
+
+
+def test_proxy_offload_needs_sampled_negatives():
+    with pytest.raises(ValueError, match="proxy_offload=True needs proxy_negatives"):
+        VisualPromptDMLConfig.for_method("vptsp-g", num_classes=5, proxy_offload=True)
+    with pytest.raises(ValueError, match="proxy_offload must be True or False"):
+        VisualPromptDMLConfig.for_method("vptsp-g", num_classes=5, proxy_negatives=2, proxy_offload="yes")
+    with pytest.raises(ValueError, match="proxy_offload needs proxy_negatives"):
+        build_model(tiny_vit(0), "full-finetune", 10, proxy_offload=True)

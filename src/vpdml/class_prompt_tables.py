@@ -78,32 +78,41 @@ class ClassPromptTable(nn.Module):
         return _split_layers(rows, self.offsets, self.counts)
 
 
-class _HostResident(nn.Module):
-    """Mixin: with ``offload``, the row-sparse parameters ignore ``.to()`` / ``.cuda()`` / ``.half()``.
+class HostResident(nn.Module):
+    """Mixin: with ``offload``, the row-sparse parameters (and ``host_buffers``) ignore ``.to()`` / ``.cuda()`` /
+    ``.half()``.
 
     They stay fp32 in host memory (so does the optimizer state created for them); ``gather`` moves only the
-    batch's rows to the labels' device. Other parameters move as usual.
+    batch's rows to the labels' device. Other parameters and buffers move as usual.
     """
 
     row_sparse_params: ClassVar[tuple[str, ...]] = ()
+    host_buffers: ClassVar[tuple[str, ...]] = ()
     offload: bool = False
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         if not self.offload:
             return super()._apply(fn, recurse)
-        order = list(self._parameters)
-        kept = {name: self._parameters.pop(name) for name in self.row_sparse_params}
+        kept = [_detach_entries(self._parameters, self.row_sparse_params)]
+        kept.append(_detach_entries(self._buffers, self.host_buffers))
         try:
             super()._apply(fn, recurse)
         finally:
-            moved = dict(self._parameters)
-            self._parameters.clear()
-            for name in order:  # keep the registration order: optimizer state is matched by position
-                self._parameters[name] = kept[name] if name in kept else moved[name]
+            for registry, (order, entries) in zip((self._parameters, self._buffers), kept, strict=True):
+                moved = dict(registry)
+                registry.clear()
+                for name in order:  # keep the registration order: optimizer state is matched by position
+                    registry[name] = entries[name] if name in entries else moved[name]
         return self
 
 
-class RowSparseClassPromptTable(_HostResident):
+def _detach_entries(registry: dict, names: tuple[str, ...]) -> tuple[list[str], dict]:
+    """Remove ``names`` from a module's parameter or buffer registry; returns the original order and them."""
+    order = list(registry)
+    return order, {name: registry.pop(name) for name in names if name in registry}
+
+
+class RowSparseClassPromptTable(HostResident):
     """Class prompts as a ``(C, K, D)`` table whose gradient holds only the batch's classes.
 
     Train it with :class:`vpdml.row_sparse.RowSparseAdamW` or ``RowSparseSGD`` (dense PyTorch optimizers reject
@@ -136,7 +145,7 @@ class RowSparseClassPromptTable(_HostResident):
         return f"classes={classes}, tokens={tokens}, hidden={hidden}, offload={self.offload}"
 
 
-class LowRankClassPromptTable(_HostResident):
+class LowRankClassPromptTable(HostResident):
     """Class prompts ``q_c = code_c @ basis``: a shared ``(r, K, D)`` basis and a row-sparse ``(C, r)`` code table.
 
     Initialised so that the prompts have the dense table's xavier-normal scale. ``offload`` applies to the codes

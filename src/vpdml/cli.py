@@ -61,6 +61,7 @@ ADAPTER_OPTIONS = (
     "proxy_anchor_margin",
     "proxy_anchor_positive_average",
     "proxy_negatives",
+    "proxy_offload",
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Run-level flags that are not TrainingArguments fields.

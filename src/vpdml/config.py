@@ -176,6 +176,14 @@ class VisualPromptDMLConfig(PeftConfig):
             "the exact loss. For ~1M classes (docs/scale.md); about 10% of C, or a few thousand, is a start."
         },
     )
+    proxy_offload: bool = field(
+        default=False,
+        metadata={
+            "help": "With proxy_negatives: keep the learnable proxies, their optimizer state and the semantic-proxy "
+            "state in host memory; only each step's sampled rows go to the accelerator (for ~1M classes on a small "
+            "GPU). Single-process only, like class_prompt_offload."
+        },
+    )
     # --- backbone signature (filled on injection, checked on load) ---------------------------------------------
     backbone_signature: dict[str, Any] | None = field(
         default=None,
@@ -236,6 +244,13 @@ class VisualPromptDMLConfig(PeftConfig):
         _check_range(self, "proxy_anchor_margin", 0.0, 1.0, include_high=False)
         _check_choice(self, "proxy_anchor_positive_average", ("classes_with_positives", "all_classes"))
         _check_optional_int(self, "proxy_negatives", minimum=1)
+        if not isinstance(self.proxy_offload, bool):
+            raise _field_error(self, "proxy_offload", "True or False")
+        if self.proxy_offload and self.proxy_negatives is None:
+            raise ValueError(
+                "VisualPromptDMLConfig.proxy_offload=True needs proxy_negatives: the exact loss reads every proxy and "
+                "updates every row each step, so the proxies cannot stay in host memory. Set proxy_negatives=N."
+            )
         if not isinstance(self.bitfit, bool):
             raise ValueError(f"VisualPromptDMLConfig.bitfit must be True or False, got {self.bitfit!r}.")
         if self.uses_semantic_proxies and self.num_classes is None:

@@ -37,6 +37,7 @@ class FullFineTuningDML(nn.Module):
         proxy_anchor_margin: float = 0.1,
         proxy_anchor_positive_average: str = "classes_with_positives",
         proxy_negatives: int | None = None,
+        proxy_offload: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -50,6 +51,7 @@ class FullFineTuningDML(nn.Module):
             "proxy_anchor_margin": proxy_anchor_margin,
             "proxy_anchor_positive_average": proxy_anchor_positive_average,
             "proxy_negatives": proxy_negatives,
+            "proxy_offload": proxy_offload,
         }
         self.head = EmbeddingHead(self.backbone_info.hidden_size, dim)
         self.proxies = ProxyBank(
@@ -62,6 +64,7 @@ class FullFineTuningDML(nn.Module):
             gru_dropout=0.0,
             mix_alpha=1.0,
             negatives=proxy_negatives,
+            offload=proxy_offload,
         )
         self.backbone.requires_grad_(True)
 

@@ -156,7 +156,8 @@ class VisualPromptDMLModel(BaseTuner):
                 class_prompt_rank=config.class_prompt_rank,
                 class_prompt_offload=config.class_prompt_offload,
                 negatives=config.proxy_negatives,
-            ).to(device)  # an offloaded class-prompt table ignores this move and stays in host memory
+                offload=config.proxy_offload,
+            ).to(device)  # offloaded tables and proxies ignore this move and stay in host memory
 
     # --------------------------------------------------------------------------------- prompt and bias routing
     def _active_prompt_provider(self, layer_index: int, batch_size: int) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .class_prompt_tables import ClassPromptTable, build_class_prompt_table
+from .class_prompt_tables import ClassPromptTable, HostResident, build_class_prompt_table
 from .heads import EmbeddingHead
 from .row_sparse import gather_rows
 
@@ -57,7 +57,7 @@ class EMAAccumulator(nn.Module):
         self, state: torch.Tensor, semantic: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         classes, means = scatter_mean(semantic, labels)
-        updated = self.keep_ratio * state[classes].to(means.dtype) + (1.0 - self.keep_ratio) * means
+        updated = self.keep_ratio * _rows(state, classes, means) + (1.0 - self.keep_ratio) * means
         return classes, F.normalize(updated, dim=-1)
 
 
@@ -88,13 +88,18 @@ class GRUAccumulator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         classes, inverse = torch.unique(labels, return_inverse=True)
         rank = _rank_within_class(inverse, len(classes))
-        current = state[classes].to(semantic.dtype)
+        current = _rows(state, classes, semantic)
         for step in range(int(rank.max().item()) + 1):
             at_step = rank == step
             rows = inverse[at_step]
             stepped = self.cell(semantic[at_step], current[rows])
             current = current.index_put((rows,), stepped)
         return classes, F.normalize(self.dropout(current), dim=-1)
+
+
+def _rows(state: torch.Tensor, classes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``state[classes]`` on ``like``'s device and dtype (the state may be kept in host memory)."""
+    return state[classes.to(state.device)].to(like.device, like.dtype)
 
 
 def _rank_within_class(inverse: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -156,9 +161,13 @@ def sample_negative_classes(
     return classes, weights.float()
 
 
-class ProxyBank(nn.Module):
+class ProxyBank(HostResident):
     """The training-only half of an adapter: learnable proxies, and (VPTSP) class prompts, a proxy head,
-    the accumulator and the per-class semantic-proxy state."""
+    the accumulator and the per-class semantic-proxy state.
+
+    With ``negatives`` (sampled negative proxies) the learnable proxies are row-sparse; ``offload`` then keeps
+    them, their optimizer state and the semantic-proxy state in host memory (only the sampled rows travel).
+    """
 
     def __init__(
         self,
@@ -175,8 +184,15 @@ class ProxyBank(nn.Module):
         class_prompt_rank: int = 64,
         class_prompt_offload: bool = False,
         negatives: int | None = None,
+        offload: bool = False,
     ) -> None:
         super().__init__()
+        if offload and negatives is None:
+            raise ValueError(
+                "proxy_offload needs proxy_negatives: the exact loss reads every proxy and updates every row each "
+                "step, so the proxies cannot stay in host memory. Set proxy_negatives=N (docs/scale.md)."
+            )
+        self.offload = offload
         self.semantic_kind = semantic_proxies
         self.mix_alpha = mix_alpha
         self.negatives = negatives
@@ -187,6 +203,7 @@ class ProxyBank(nn.Module):
                 raise ValueError(f"proxy_negatives must be >= 1 (or None for every class), got {negatives}.")
             # Sampled proxies: O is read through gather_rows, so its gradient holds the sampled rows only.
             self.row_sparse_params = ("learnable",)
+            self.host_buffers = ("semantic_state",)  # kept on the host with offload (HostResident)
             # (seed, steps taken): the sample of a step is a function of both, so every process draws the same
             # sample and a resumed run draws the samples the uninterrupted one would have (saved with the state).
             # The seed is the global generator's, read without drawing from it: the rest of the initialisation
@@ -279,7 +296,8 @@ class ProxyBank(nn.Module):
         """Update the state rows of the batch's classes from their semantic vectors; returns the new rows with
         their graph (for this step's loss) and stores them detached (for later steps)."""
         # The accumulators read (and cast) only the batch's rows: no (C, E) copy of the state per step.
-        classes, rows = self.accumulator(self.semantic_state, semantic, labels)
+        state = self.semantic_state
+        classes, rows = self.accumulator(state, semantic, labels)
         if self.training:
-            self.semantic_state[classes] = rows.detach().to(self.semantic_state.dtype)
+            state[classes.to(state.device)] = rows.detach().to(state.device, state.dtype)
         return classes, rows

@@ -155,6 +155,7 @@ _FULL_FINETUNE_OPTIONS = {
     "proxy_anchor_margin",
     "proxy_anchor_positive_average",
     "proxy_negatives",
+    "proxy_offload",
 }
 
 
@@ -312,8 +313,9 @@ def create_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.O
     """AdamW or SGD over :func:`parameter_groups`.
 
     A model with row-sparse parameters (class prompts stored ``"sparse"`` or ``"low_rank"``, see
-    :mod:`vpdml.class_prompt_tables`) gets :class:`vpdml.row_sparse.RowSparseAdamW` / ``RowSparseSGD``, which
-    update only the batch's rows of those tables and apply PyTorch's own update to every dense parameter.
+    :mod:`vpdml.class_prompt_tables`, or learnable proxies with ``proxy_negatives``) gets
+    :class:`vpdml.row_sparse.RowSparseAdamW` / ``RowSparseSGD``, which update only the rows in the gradient (the
+    batch's classes, the sampled proxies) and apply PyTorch's own update to every dense parameter.
     """
     groups = parameter_groups(model, args)
     if has_row_sparse_parameters(model):
@@ -380,13 +382,20 @@ def _check_accelerator(accelerator: Accelerator, args: TrainingArguments, model:
             "Pass an Accelerator created with dataloader_config=DataLoaderConfiguration(split_batches=True) (see "
             "vpdml.training.create_accelerator): each global batch must be split between the processes."
         )
-    if accelerator.num_processes > 1 and isinstance(model, PeftModel):
-        config = model.peft_config[model.base_model._resolve_adapter(None)]
-        if getattr(config, "class_prompt_offload", False):
-            raise ValueError(
-                "class_prompt_offload=True keeps the class-prompt table in host memory, which DDP cannot wrap: train "
-                "it on one process, or set class_prompt_offload=False."
-            )
+    if accelerator.num_processes > 1:
+        if isinstance(model, PeftModel):
+            config = model.peft_config[model.base_model._resolve_adapter(None)]
+            offloaded = {
+                name: getattr(config, name, False) for name in ("class_prompt_offload", "proxy_offload")
+            }
+        else:
+            offloaded = {"proxy_offload": bool(getattr(model, "settings", {}).get("proxy_offload"))}
+        for name, on in offloaded.items():
+            if on:
+                raise ValueError(
+                    f"{name}=True keeps a table in host memory, which DDP cannot wrap: train it on one process, or "
+                    f"set {name}=False."
+                )
     if args.classes_per_batch % accelerator.num_processes:
         raise ValueError(
             f"classes_per_batch={args.classes_per_batch} must be divisible by the number of processes "
