@@ -23,6 +23,8 @@ run are comparable.
     python bench/scale.py --branch semantic --proxy-negatives 1024 --storages low_rank --classes 100 100000 1000000 \
         --embedding-dim 512 --max-gb 16
     python bench/scale.py --device cuda --layers 12 --storages dense sparse sparse-offload low_rank
+    python bench/scale.py --device cuda --branch semantic --storages sparse-offload --proxy-negatives 1024 \
+        --proxy-offload --classes 100 100000 1000000 --embedding-dim 512 --max-gb 40
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Setting:
     max_seconds: float
     threads: int
     negatives: int | None = None
+    proxy_offload: bool = False
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -106,6 +109,7 @@ def _build(setting: Setting):
         class_prompt_rank=setting.rank,
         class_prompt_offload=setting.storage == "sparse-offload",
         negatives=setting.negatives,
+        offload=setting.proxy_offload,
     )
     if setting.branch == "class-prompts":  # keep only what the class-prompt branch trains
         del bank.learnable, bank.accumulator, bank.semantic_state
@@ -238,7 +242,8 @@ def _run_subprocess(setting: Setting, timeout: float) -> dict[str, float] | str:
 
 
 def _label(setting: Setting) -> str:
-    return setting.storage + (f" + {setting.negatives:,} negatives" if setting.negatives else "")
+    label = setting.storage + (f" + {setting.negatives:,} negatives" if setting.negatives else "")
+    return label + (" (proxies offloaded)" if setting.proxy_offload else "")
 
 
 def _print_table(rows: list[tuple[Setting, dict[str, float] | str]], device: str) -> None:
@@ -310,6 +315,11 @@ def main() -> None:
         default=None,
         help="semantic branch: sampled negative proxies per step (default: every class, the exact loss)",
     )
+    parser.add_argument(
+        "--proxy-offload",
+        action="store_true",
+        help="with --proxy-negatives: keep the learnable proxies and state in host memory (on a GPU: host MB)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -334,6 +344,7 @@ def main() -> None:
                 max_seconds=args.max_seconds,
                 threads=args.threads,
                 negatives=args.proxy_negatives,
+                proxy_offload=args.proxy_offload,
             )
             estimate = _estimate_gb(setting)
             if estimate > args.max_gb:

@@ -148,10 +148,11 @@ def test_scale_prints_its_table_with_sampled_negatives():
         "1",
         "--proxy-negatives",
         "20",
+        "--proxy-offload",
     )
     rows = [line for line in result.splitlines() if line.startswith("| 50 |") or line.startswith("| 3,000 |")]
-    assert len(rows) == 2 and all("sparse + 20 negatives" in row for row in rows), result
-    assert "sparse + 20 negatives: 3,000 vs 50 classes: time x" in result
+    assert len(rows) == 2 and all("sparse + 20 negatives (proxies offloaded)" in row for row in rows), result
+    assert "sparse + 20 negatives (proxies offloaded): 3,000 vs 50 classes: time x" in result
 
 
 def test_recipe_memory_runs_real_steps_of_a_recipe():
