@@ -67,3 +67,28 @@ def pixels() -> torch.Tensor:
 @pytest.fixture
 def labels() -> torch.Tensor:
     return torch.tensor([0, 0, 3, 3])
+
+
+def train_in_lockstep(models: dict, pixels: torch.Tensor, labels: torch.Tensor, steps: int = 3):
+    """Train twin models side by side (RowSparseAdamW lr 0.01, weight decay 0.05, the same seed per step); yields
+    each step's losses by name.
+
+    For tests that compare two storages or code paths of the same model step for step.
+    """
+    from vpdml.row_sparse import RowSparseAdamW
+
+    optimizers = {
+        name: RowSparseAdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.05)
+        for name, model in models.items()
+    }
+    for step in range(steps):
+        losses = {}
+        for name, model in models.items():
+            model.train()
+            torch.manual_seed(step)
+            optimizers[name].zero_grad()
+            loss = model.dml_loss(pixels, labels)
+            loss.backward()
+            optimizers[name].step()
+            losses[name] = loss.item()
+        yield losses

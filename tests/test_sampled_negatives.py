@@ -15,10 +15,10 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 
 import vpdml
-from conftest import tiny_vit
+from conftest import tiny_vit, train_in_lockstep
 from vpdml import VisualPromptDMLConfig, proxy_anchor_loss
 from vpdml.proxies import ProxyBank, sample_negative_classes
-from vpdml.row_sparse import RowSparseAdamW, has_row_sparse_parameters
+from vpdml.row_sparse import has_row_sparse_parameters
 from vpdml.training import build_model
 from vpdml.training_state import TRAINING_STATE_FILE
 
@@ -140,20 +140,7 @@ def test_negatives_covering_every_class_train_exactly_like_the_full_loss(pixels,
     """Every row sampled at every step: the row-sparse proxies must follow dense AdamW to float rounding."""
     models = {"full": _model(6, None), "sampled": _model(6, 100)}
     assert has_row_sparse_parameters(models["sampled"]) and not has_row_sparse_parameters(models["full"])
-    optimizers = {
-        name: RowSparseAdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.05)
-        for name, model in models.items()
-    }
-    for step in range(3):
-        losses = {}
-        for name, model in models.items():
-            model.train()
-            torch.manual_seed(step)
-            optimizers[name].zero_grad()
-            loss = model.dml_loss(pixels, labels)
-            loss.backward()
-            optimizers[name].step()
-            losses[name] = loss.item()
+    for losses in train_in_lockstep(models, pixels, labels):
         assert _bank(models["sampled"]).learnable.grad.is_sparse
         assert abs(losses["full"] - losses["sampled"]) <= 1e-6
     sampled = dict(models["sampled"].named_parameters())
@@ -230,20 +217,7 @@ def test_offloaded_proxies_stay_in_host_memory_and_train_like_the_others(pixels,
     assert [n for n, _ in models["on device"].named_parameters()] == [
         n for n, _ in models["offloaded"].named_parameters()
     ]  # registration order kept: optimizer state is matched by position
-    optimizers = {
-        name: RowSparseAdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.05)
-        for name, model in models.items()
-    }
-    for step in range(3):
-        losses = {}
-        for name, model in models.items():
-            model.train()
-            torch.manual_seed(step)
-            optimizers[name].zero_grad()
-            loss = model.dml_loss(pixels, labels)
-            loss.backward()
-            optimizers[name].step()
-            losses[name] = loss.item()
+    for losses in train_in_lockstep(models, pixels, labels):
         assert losses["on device"] == losses["offloaded"]
     for key, value in _bank(models["on device"]).state_dict().items():
         assert torch.equal(_bank(models["offloaded"]).state_dict()[key], value), key

@@ -10,7 +10,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 
 import vpdml
-from conftest import tiny_vit
+from conftest import tiny_vit, train_in_lockstep
 from vpdml import VisualPromptDMLConfig
 from vpdml.class_prompt_tables import (
     AUTO_SPARSE_MIN_ELEMENTS,
@@ -356,20 +356,7 @@ def test_sparse_storage_gives_the_dense_models_losses_and_updates(pixels):
     labels = torch.tensor([0, 0, 1, 1])  # every class in every batch: sparse must equal dense
     models = {storage: _model(storage) for storage in ("dense", "sparse")}
     assert not has_row_sparse_parameters(models["dense"]) and has_row_sparse_parameters(models["sparse"])
-    optimizers = {
-        name: RowSparseAdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.05)
-        for name, model in models.items()
-    }
-    for step in range(3):
-        losses = {}
-        for name, model in models.items():
-            model.train()
-            torch.manual_seed(step)
-            optimizers[name].zero_grad()
-            loss = model.dml_loss(pixels, labels)
-            loss.backward()
-            optimizers[name].step()
-            losses[name] = loss.item()
+    for losses in train_in_lockstep(models, pixels, labels):
         assert abs(losses["dense"] - losses["sparse"]) <= 1e-6
     dense_state = models["dense"].base_model.dml_proxies["default"].state_dict()
     sparse_state = models["sparse"].base_model.dml_proxies["default"].state_dict()

@@ -244,12 +244,21 @@ class ProxyBank(HostResident):
         # Every proxy enters Proxy Anchor's negative term, so Q is (C, E) whatever the batch: build it with one
         # (C, E) temporary (lerp(P, O, a) = (1 - a) P + a O, whose backward saves nothing) plus the normalised
         # output, then overwrite the batch's rows in place, instead of a copy per arithmetic step.
-        state = self.semantic_state.detach().to(self.learnable.dtype)
-        mixed = torch.lerp(state, self.learnable, self.mix_alpha)
-        if semantic_rows is not None:
-            classes, rows = semantic_rows
-            batch = torch.lerp(rows.to(mixed.dtype), self.learnable[classes], self.mix_alpha)
-            mixed = mixed.index_put_((classes,), batch)
+        return self._mix(self.semantic_state.detach(), self.learnable, semantic_rows)
+
+    def _mix(
+        self,
+        state: torch.Tensor,
+        learnable: torch.Tensor,
+        batch_rows: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``normalise(lerp(P, O, alpha))`` over matching rows of ``state`` and ``learnable``; ``batch_rows`` is
+        ``(row positions, this step's semantic rows)``, which replace the stored state at those positions."""
+        mixed = torch.lerp(state.to(learnable.dtype), learnable, self.mix_alpha)
+        if batch_rows is not None:
+            where, rows = batch_rows
+            batch = torch.lerp(rows.to(mixed.dtype), learnable[where], self.mix_alpha)
+            mixed = mixed.index_put_((where,), batch)
         return F.normalize(mixed, dim=-1)
 
     def loss_proxies(
@@ -281,15 +290,11 @@ class ProxyBank(HostResident):
         if learnable_only or not self.uses_semantic_proxies:
             loss_proxies.proxies = F.normalize(learnable, dim=-1)
             return loss_proxies
-        state = self.semantic_state.index_select(0, classes.to(self.semantic_state.device))
-        mixed = torch.lerp(state.to(labels.device, learnable.dtype), learnable, self.mix_alpha)
+        state = self.semantic_state.index_select(0, classes.to(self.semantic_state.device)).to(labels.device)
         if semantic_rows is not None:
             batch_classes, rows = semantic_rows
-            where = loss_proxies.rows_of(batch_classes)
-            mixed = mixed.index_put(
-                (where,), torch.lerp(rows.to(mixed.dtype), learnable[where], self.mix_alpha)
-            )
-        loss_proxies.proxies = F.normalize(mixed, dim=-1)
+            semantic_rows = (loss_proxies.rows_of(batch_classes), rows)
+        loss_proxies.proxies = self._mix(state, learnable, semantic_rows)
         return loss_proxies
 
     def accumulate(self, semantic: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
