@@ -234,7 +234,8 @@ def run_one(method: str, seed: int, budget: Budget) -> dict[str, Any]:
 
 
 def _measure(method: str, seed: int, budget: Budget, threads: int | None = None) -> dict[str, Any]:
-    payload = json.dumps({"method": method, "seed": seed, "budget": asdict(budget), "threads": threads})
+    payload = json.dumps({"method": method, "seed": seed, "budget": asdict(budget)})
+    # torch sizes its intra-op thread pool from OMP_NUM_THREADS when the worker starts
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     result = subprocess.run(
         [sys.executable, __file__, "--worker", payload], capture_output=True, text=True, check=False, env=env
@@ -345,10 +346,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.worker:
         job = json.loads(args.worker)
-        if job.get("threads"):
-            import torch
-
-            torch.set_num_threads(job["threads"])
         print(json.dumps(run_one(job["method"], job["seed"], Budget(**job["budget"]))))
         return
     budget = _smoke_budget() if args.smoke else _quick_budget() if args.quick else Budget()

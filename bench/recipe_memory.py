@@ -27,7 +27,8 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from scale import _proc_kb  # bench/ is on sys.path when a script here runs
 
 RECIPE_CLASSES = {"sop": 11_318, "inshop": 3_997}
 
@@ -46,13 +47,6 @@ class Setting:
     threads: int
 
 
-def _rss_kb(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def run_one(setting: Setting) -> dict[str, float]:
     import torch
     from transformers import ViTConfig, ViTModel
@@ -64,7 +58,7 @@ def run_one(setting: Setting) -> dict[str, float]:
     from vpdml.training_args import RECIPES, TrainingArguments
 
     torch.set_num_threads(setting.threads)
-    baseline_kb = _rss_kb()
+    baseline_kb = _proc_kb("VmRSS")
     recipe = RECIPES[setting.recipe]
     torch.manual_seed(0)
     backbone = ViTModel(
@@ -103,8 +97,8 @@ def run_one(setting: Setting) -> dict[str, float]:
         times.append(time.perf_counter() - begin)
         if step == 0:  # the optimizer state exists now: what stays between steps
             optimizer.zero_grad(set_to_none=True)
-            stored_kb = _rss_kb() - baseline_kb
-    peak_kb = _rss_kb("VmHWM") - baseline_kb
+            stored_kb = _proc_kb("VmRSS") - baseline_kb
+    peak_kb = _proc_kb("VmHWM") - baseline_kb
     return {
         "table_values": table_values,
         "stored_gb": stored_kb / 2**20,
@@ -148,6 +142,8 @@ def main() -> None:
         print(json.dumps(run_one(Setting(**json.loads(args.one)))))
         return
     classes = args.num_classes or RECIPE_CLASSES[args.recipe]
+    if classes < 32:
+        raise SystemExit(f"--num-classes must be at least the recipes' 32 classes per batch, got {classes}.")
     rows = []
     for storage in args.storages:
         setting = Setting(
