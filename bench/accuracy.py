@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("linear", "vpt", "vpt-bitfit", "vptsp-m", "vptsp-g", "full-finetune")
+METHODS = ("linear", "vpt", "vpt-bitfit", "vptsp-m", "vptsp-g", "lora", "full-finetune")
 NAMES = {
     "zero-shot": "zero-shot backbone",
     "linear": "linear probe",
@@ -41,7 +41,25 @@ NAMES = {
     "vpt-bitfit": "VPT + BitFit",
     "vptsp-m": "VPTSP-M",
     "vptsp-g": "VPTSP-G",
+    "lora": "LoRA (r 8, q/v)",
     "full-finetune": "full fine-tuning",
+}
+DATA_START = {"semantic_proxy_init": "class_means", "proxy_head_init": "embedding_head"}
+#: ``--ablation``: the semantic-proxy options of docs/method.md, one at a time and combined, each a method preset
+#: plus config overrides, beside the baselines they must beat.
+ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
+    "vpt-bitfit": ("vpt-bitfit", {}),
+    "vptsp-g": ("vptsp-g", {}),
+    "vptsp-g small O": ("vptsp-g", {"learnable_proxy_init": "small"}),
+    "vptsp-g normalized mix": ("vptsp-g", {"proxy_mix": "normalized"}),
+    "vptsp-g unseen mask": ("vptsp-g", {"unseen_semantic_proxies": "learnable"}),
+    "vptsp-g first pass": (
+        "vptsp-g",
+        {"semantic_proxy_init": "first_pass", "unseen_semantic_proxies": "learnable"},
+    ),
+    "vptsp-g data start": ("vptsp-g", DATA_START),
+    "vptsp-g data start, normalized mix": ("vptsp-g", {**DATA_START, "proxy_mix": "normalized"}),
+    "vptsp-m data start, normalized mix": ("vptsp-m", {**DATA_START, "proxy_mix": "normalized"}),
 }
 
 
@@ -58,6 +76,7 @@ class Budget:
     classes_per_batch: int = 16
     learning_rate: float = 1e-4
     full_finetune_learning_rate: float = 1e-5
+    lora_learning_rate: float = 1e-4
     proxy_learning_rate: float = 1e-2
     num_prompts: int = 1
     class_prompts: int = 1
@@ -65,6 +84,7 @@ class Budget:
     proxy_mix_alpha: float | None = None  # None: the method preset's alpha
     embedding_dim: int = 384
     split_seed: int = 1
+    dataset: str = "emoji"
     seeds: dict[str, list[int]] = field(default_factory=dict)
     smoke: bool = False
 
@@ -140,12 +160,12 @@ def _smoke_data(budget: Budget) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _offline_data(budget: Budget) -> tuple[Any, Any, Any]:
-    from vpdml.offline import emoji_splits, load_offline_backbone
+    from vpdml.offline import emoji_splits, icon_splits, load_offline_backbone
     from vpdml.training import load_image_processor
 
     backbone = load_offline_backbone(num_layers=11)
     processor = load_image_processor(backbone.name_or_path)
-    splits = emoji_splits(
+    splits = (icon_splits if budget.dataset == "icons" else emoji_splits)(
         seed=budget.split_seed,
         num_train_classes=budget.train_classes,
         num_test_classes=budget.test_classes,
@@ -158,19 +178,26 @@ def _adapter_bytes(method: str, output_dir: Path) -> int:
     """Bytes needed at inference on top of the shared backbone (full fine-tuning: the whole model)."""
     if method == "full-finetune":
         return sum(p.stat().st_size for p in output_dir.rglob("*.safetensors"))
+    if method == "lora":
+        return sum(
+            (output_dir / name).stat().st_size
+            for name in ("adapter_model.safetensors", "dml_head.safetensors")
+        )
     from vpdml.hub import adapter_size_bytes
 
     return adapter_size_bytes(output_dir)
 
 
-def run_one(method: str, seed: int, budget: Budget) -> dict[str, Any]:
-    """Train and evaluate one (method, seed); runs inside a worker subprocess."""
+def run_one(
+    method: str, seed: int, budget: Budget, options: dict[str, Any] | None = None, label: str | None = None
+) -> dict[str, Any]:
+    """Train and evaluate one (method + config ``options``, seed); runs inside a worker subprocess."""
     from vpdml.training import TrainingArguments, build_model, train
 
     backbone, splits, processor = _smoke_data(budget) if budget.smoke else _offline_data(budget)
     backbone_parameters = sum(p.numel() for p in backbone.parameters())
     overrides: dict[str, Any] = {"embedding_dim": budget.embedding_dim}
-    if method not in ("full-finetune", "linear"):
+    if method not in ("full-finetune", "linear", "lora"):
         overrides["num_prompts"] = budget.num_prompts
     if method.startswith("vptsp"):
         overrides.update(
@@ -178,10 +205,15 @@ def run_one(method: str, seed: int, budget: Budget) -> dict[str, Any]:
         )
         if budget.proxy_mix_alpha is not None:
             overrides["proxy_mix_alpha"] = budget.proxy_mix_alpha
+    overrides.update(options or {})
     model = build_model(backbone, method, splits.num_train_classes, **overrides)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if method == "full-finetune":
         inference = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("proxies."))
+    elif method == "lora":
+        inference = sum(
+            p.numel() for n, p in model.named_parameters() if p.requires_grad and "proxies." not in n
+        )
     else:
         inference = model.base_model.parameter_counts()["inference_adapter"]
     stamps: list[float] = []
@@ -193,7 +225,11 @@ def run_one(method: str, seed: int, budget: Budget) -> dict[str, Any]:
             classes_per_batch=budget.classes_per_batch,
             samples_per_class=2,
             learning_rate=(
-                budget.full_finetune_learning_rate if method == "full-finetune" else budget.learning_rate
+                budget.full_finetune_learning_rate
+                if method == "full-finetune"
+                else budget.lora_learning_rate
+                if method == "lora"
+                else budget.learning_rate
             ),
             proxy_learning_rate=budget.proxy_learning_rate,
             image_size=budget.image_size,
@@ -217,7 +253,10 @@ def run_one(method: str, seed: int, budget: Budget) -> dict[str, Any]:
         adapter_bytes = _adapter_bytes(method, Path(tmp))
     steps = [b - a for a, b in itertools.pairwise(stamps)]
     return {
-        "method": method,
+        "method": label or method,
+        "base_method": method,
+        "options": options or {},
+        "dataset": budget.dataset,
         "seed": seed,
         "zero_shot": result.metrics["zero_shot"]["test"],
         "trained": result.metrics["trained"]["test"],
@@ -233,15 +272,39 @@ def run_one(method: str, seed: int, budget: Budget) -> dict[str, Any]:
     }
 
 
-def _measure(method: str, seed: int, budget: Budget, threads: int | None = None) -> dict[str, Any]:
-    payload = json.dumps({"method": method, "seed": seed, "budget": asdict(budget)})
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a method preset and config overrides, under a label."""
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_variant(spec: str) -> Variant:
+    """``LABEL=METHOD[:KEY=VALUE,...]``, e.g. ``"g-mask=vptsp-g:unseen_semantic_proxies=learnable"``."""
+    label, _, rest = spec.partition("=")
+    method, _, settings = rest.partition(":")
+    if not label or method not in METHODS:
+        raise SystemExit(
+            f"--variant expects LABEL=METHOD[:KEY=VALUE,...] with METHOD in {METHODS}, got {spec!r}."
+        )
+    options: dict[str, Any] = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" and value != "none" else value
+    return Variant(label, method, options)
+
+
+def _measure(variant: Variant, seed: int, budget: Budget, threads: int | None = None) -> dict[str, Any]:
+    payload = json.dumps({**asdict(variant), "seed": seed, "budget": asdict(budget)})
     # torch sizes its intra-op thread pool from OMP_NUM_THREADS when the worker starts
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     result = subprocess.run(
         [sys.executable, __file__, "--worker", payload], capture_output=True, text=True, check=False, env=env
     )
     if result.returncode != 0:
-        raise RuntimeError(f"{method} (seed {seed}) failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{variant.label} (seed {seed}) failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -254,6 +317,8 @@ def _set_budget_field(budget: Budget, assignment: str) -> None:
     current = getattr(budget, name)
     if value.lower() == "none":
         parsed: Any = None
+    elif isinstance(current, str):
+        parsed = value
     elif isinstance(current, int) and not isinstance(current, bool):
         parsed = int(value)
     else:
@@ -272,8 +337,14 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:.2f} MiB" if num_bytes < 2**30 else f"{num_bytes / 2**30:.2f} GiB"
 
 
+def _labels(runs: list[dict[str, Any]]) -> list[str]:
+    """Row order: the methods in their usual order, then other variants in the order they ran."""
+    seen = list(dict.fromkeys(run["method"] for run in runs))
+    return [m for m in METHODS if m in seen] + [label for label in seen if label not in METHODS]
+
+
 def format_table(runs: list[dict[str, Any]]) -> str:
-    """Markdown: one row per method, metrics as mean ± sample std over its seeds."""
+    """Markdown: one row per method or variant, metrics as mean ± sample std over its seeds."""
     lines = [
         "| method | seeds | R@1 | R@4 | MAP@R | trainable params | % of backbone | inference adapter | "
         "step (ms) | peak RSS (MiB) |",
@@ -286,18 +357,43 @@ def format_table(runs: list[dict[str, Any]]) -> str:
         rows = list(zero_shot.values())[:1]  # the frozen backbone does not depend on the training seed
         metrics = [_mean_spread([r[k] for r in rows]) for k in ("recall@1", "recall@4", "map@r")]
         lines.append(f"| {NAMES['zero-shot']} | - | {' | '.join(metrics)} | 0 | 0.00% | 0 | - | - |")
-    for method in METHODS:
-        chosen = [r for r in runs if r["method"] == method]
-        if not chosen:
-            continue
+    for label in _labels(runs):
+        chosen = [r for r in runs if r["method"] == label]
         metrics = [_mean_spread([r["trained"][k] for r in chosen]) for k in ("recall@1", "recall@4", "map@r")]
         first = chosen[0]
         step = statistics.median(r["step_s"] for r in chosen)
         peak = max(r["peak_mib"] for r in chosen)
         lines.append(
-            f"| {NAMES[method]} | {len(chosen)} | {' | '.join(metrics)} | {first['trainable']:,} | "
+            f"| {NAMES.get(label, label)} | {len(chosen)} | {' | '.join(metrics)} | {first['trainable']:,} | "
             f"{100 * first['trainable'] / first['backbone']:.2f}% | "
             f"{first['inference_parameters']:,} ({_size(first['adapter_bytes'])}) | {1000 * step:.0f} | {peak:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def paired_differences(runs: list[dict[str, Any]], reference: str, metric: str = "recall@1") -> str:
+    """Markdown: each row's per-seed difference to ``reference`` on the seeds both ran (mean ± sd, its standard
+    error, and mean / SE: beyond 2 is a difference the seeds support)."""
+    by_seed = {r["seed"]: r["trained"][metric] for r in runs if r["method"] == reference}
+    lines = [
+        f"| {metric} minus {NAMES.get(reference, reference)} | seeds | mean ± sd | SE | mean / SE |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label in _labels(runs):
+        if label == reference:
+            continue
+        diffs = [
+            r["trained"][metric] - by_seed[r["seed"]]
+            for r in runs
+            if r["method"] == label and r["seed"] in by_seed
+        ]
+        if len(diffs) < 2:
+            continue
+        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+        se = sd / len(diffs) ** 0.5
+        ratio = f"{mean / se:+.1f}" if se > 0 else "-"
+        lines.append(
+            f"| {NAMES.get(label, label)} | {len(diffs)} | {mean:+.4f} ± {sd:.4f} | {se:.4f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -313,7 +409,25 @@ def main(argv: list[str] | None = None) -> None:
         help="2-CPU-core budget: 80/80 classes, 6 epochs at lr 1e-4, 1 prompt per layer, 3 seeds, 2 runs at once",
     )
     mode.add_argument("--smoke", action="store_true", help="tiny random ViT and generated images (tests)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods to run (default: all)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=METHOD[:KEY=VALUE,...]",
+        help="an extra row: a method with config overrides, e.g. g-mask=vptsp-g:unseen_semantic_proxies=learnable",
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="the semantic-proxy ablation (VPT + BitFit, VPTSP-G and its start/mix options, docs/benchmarks.md)",
+    )
+    parser.add_argument("--dataset", choices=("emoji", "icons"), help="offline benchmark (default: emoji)")
+    parser.add_argument(
+        "--reference",
+        default="vpt-bitfit",
+        help="row the paired per-seed differences are taken against (default: vpt-bitfit)",
+    )
     parser.add_argument(
         "--seeds", type=int, nargs="+", help="training seeds for every method (overrides the mode)"
     )
@@ -342,11 +456,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.table:
-        print(format_table([run for path in args.table for run in json.loads(Path(path).read_text())]))
+        runs = [run for path in args.table for run in json.loads(Path(path).read_text())]
+        print(format_table(runs) + "\n\n" + paired_differences(runs, args.reference))
         return
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(run_one(job["method"], job["seed"], Budget(**job["budget"]))))
+        run = run_one(job["method"], job["seed"], Budget(**job["budget"]), job["options"], job["label"])
+        print(json.dumps(run))
         return
     budget = _smoke_budget() if args.smoke else _quick_budget() if args.quick else Budget()
     for name in ("epochs", "train_classes", "test_classes"):
@@ -354,19 +470,26 @@ def main(argv: list[str] | None = None) -> None:
             setattr(budget, name, getattr(args, name))
     for assignment in args.set:
         _set_budget_field(budget, assignment)
+    if args.dataset:
+        budget.dataset = args.dataset
+    variants = [Variant(m, m) for m in args.methods or ([] if args.ablation or args.variant else METHODS)]
+    if args.ablation:
+        variants += [Variant(label, method, options) for label, (method, options) in ABLATION.items()]
+    variants += [parse_variant(spec) for spec in args.variant]
+    variants = list({v.label: v for v in variants}.values())
     default_seeds = [0, 1, 2]
-    seeds = {m: args.seeds or budget.seeds.get(m, default_seeds) for m in args.methods}
+    seeds = {v.label: args.seeds or budget.seeds.get(v.method, default_seeds) for v in variants}
     print(f"budget: {asdict(budget) | {'seeds': seeds}}", flush=True)
     jobs = [
-        (method, seed)
+        (variant, seed)
         for seed in range(max(max(s) for s in seeds.values()) + 1)
-        for method in args.methods
-        if seed in seeds[method]
+        for variant in variants
+        if seed in seeds[variant.label]
     ]
     started = time.perf_counter()
     # --smoke runs in this process: seconds instead of a Python start-up per run (peak RSS is then cumulative)
     if budget.smoke:
-        runs = [_report(run_one(method, seed, budget)) for method, seed in jobs]
+        runs = [_report(run_one(v.method, seed, budget, v.options, v.label)) for v, seed in jobs]
     else:
         parallel = args.jobs or 2
         threads = max(len(os.sched_getaffinity(0)) // parallel, 1) if parallel > 1 else None
@@ -379,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
     print(format_table(runs))
+    if any(run["method"] == args.reference for run in runs):
+        print("\n" + paired_differences(runs, args.reference))
     print(f"\ntotal time: {(time.perf_counter() - started) / 60:.1f} min")
 
 

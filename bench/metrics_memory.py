@@ -106,7 +106,7 @@ def warm_up_kernels() -> None:
 
 def run_worker(method: str, num_items: int, dim: int, items_per_class: int, chunk_size: int) -> None:
     """Measure one computation in this (fresh) process and print a JSON line."""
-    from vpdml.metrics import retrieval_metrics
+    from vpdml.retrieval.metrics import retrieval_metrics
 
     embeddings, labels = clustered_data(num_items, dim, items_per_class, seed=0)
     warm_up_kernels()

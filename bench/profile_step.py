@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import speed
+import speed  # bench/speed.py builds the step this script profiles; the script's folder is on sys.path
 
 # Operator name fragments -> group, checked in order (first match wins); the optimizer's operators are found by
 # their scope instead.

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import vpdml
     from vpdml.data import transforms_from_processor
-    from vpdml.metrics import retrieval_metrics
     from vpdml.offline import emoji_splits, load_offline_backbone
+    from vpdml.retrieval.metrics import retrieval_metrics
     from vpdml.training import load_image_processor
 
     backbone = load_offline_backbone(num_layers=11)

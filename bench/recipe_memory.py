@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from scale import _proc_kb  # bench/ is on sys.path when a script here runs
+from memory import proc_kb  # bench/memory.py: the script's folder is on sys.path
 
 RECIPE_CLASSES = {"sop": 11_318, "inshop": 3_997}
 
@@ -51,14 +51,11 @@ def run_one(setting: Setting) -> dict[str, float]:
     import torch
     from transformers import ViTConfig, ViTModel
 
-    from vpdml.training import (
-        build_model,
-        create_optimizer,
-    )  # imported before the baseline: not the step's memory
-    from vpdml.training_args import RECIPES, TrainingArguments
+    from vpdml.training import build_model, create_optimizer
+    from vpdml.training.args import RECIPES, TrainingArguments
 
     torch.set_num_threads(setting.threads)
-    baseline_kb = _proc_kb("VmRSS")
+    baseline_kb = proc_kb("VmRSS")
     recipe = RECIPES[setting.recipe]
     torch.manual_seed(0)
     backbone = ViTModel(
@@ -97,8 +94,8 @@ def run_one(setting: Setting) -> dict[str, float]:
         times.append(time.perf_counter() - begin)
         if step == 0:  # the optimizer state exists now: what stays between steps
             optimizer.zero_grad(set_to_none=True)
-            stored_kb = _proc_kb("VmRSS") - baseline_kb
-    peak_kb = _proc_kb("VmHWM") - baseline_kb
+            stored_kb = proc_kb("VmRSS") - baseline_kb
+    peak_kb = proc_kb("VmHWM") - baseline_kb
     return {
         "table_values": table_values,
         "stored_gb": stored_kb / 2**20,

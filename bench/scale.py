@@ -36,7 +36,8 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from memory import proc_kb, reset_peak_rss  # bench/memory.py: the script's folder is on sys.path
 
 CLASS_COUNTS = (100, 11_318, 100_000)
 STORAGES = ("dense", "sparse", "low_rank")
@@ -63,18 +64,6 @@ class Setting:
 
 
 # ------------------------------------------------------------------------------------------------- memory
-def _proc_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM (peak RSS) to the current RSS (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def _tensor_bytes(tensors) -> dict[str, int]:
     """Bytes of (dense) tensors per device type."""
     found: dict[str, int] = {}
@@ -89,8 +78,8 @@ def _build(setting: Setting):
     import torch
     from torch import nn
 
-    from vpdml.proxies import ProxyBank
-    from vpdml.row_sparse import RowSparseAdamW, has_row_sparse_parameters
+    from vpdml.modules.row_sparse import RowSparseAdamW, has_row_sparse_parameters
+    from vpdml.proxies.bank import ProxyBank
 
     torch.manual_seed(0)
     device = torch.device(setting.device)
@@ -128,7 +117,7 @@ def _step(modules, optimizer, labels, targets, branch: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    from vpdml.losses import proxy_anchor_loss
+    from vpdml.proxies.loss import proxy_anchor_loss
 
     bank, tiny, head = modules["bank"], modules["tiny"], modules["head"]
     optimizer.zero_grad(set_to_none=True)
@@ -154,7 +143,7 @@ def run_one(setting: Setting) -> dict[str, float]:
     torch.set_num_threads(setting.threads)
     device = torch.device(setting.device)
     cuda = device.type == "cuda"
-    baseline_kb = _proc_kb("VmRSS")
+    baseline_kb = proc_kb("VmRSS")
     modules, optimizer = _build(setting)
     generator = torch.Generator().manual_seed(1)
     total = setting.warmup + setting.steps
@@ -180,8 +169,8 @@ def run_one(setting: Setting) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats()
         stored_before = torch.cuda.memory_allocated()
     else:
-        _reset_peak_rss()
-        stored_before = _proc_kb("VmRSS") * 1024
+        reset_peak_rss()
+        stored_before = proc_kb("VmRSS") * 1024
     times = []
     started = time.perf_counter()
     for labels in batches[setting.warmup :]:
@@ -196,7 +185,7 @@ def run_one(setting: Setting) -> dict[str, float]:
         peak = torch.cuda.max_memory_allocated()
         stored = stored_before
     else:
-        peak = _proc_kb("VmHWM") * 1024 - baseline_kb * 1024
+        peak = proc_kb("VmHWM") * 1024 - baseline_kb * 1024
         stored = stored_before - baseline_kb * 1024
     state = [t for s in optimizer.state.values() for t in s.values()]
     by_device = _tensor_bytes([*modules.parameters(), *modules.buffers(), *state])

@@ -33,7 +33,9 @@ from collections.abc import Sequence
 
 import torch
 
-from vpdml.index import BACKENDS, AdapterIdentity, FaissOptions, GalleryIndex
+from vpdml.retrieval.ann import BACKENDS, FaissOptions
+from vpdml.retrieval.identity import AdapterIdentity
+from vpdml.retrieval.index import GalleryIndex
 
 IDENTITY = AdapterIdentity("0" * 64, name="random")
 LABELS = {

@@ -104,7 +104,7 @@ def make_step(method: str, setting: Setting) -> tuple[Callable[[], None], list]:
     if setting.compile:  # regional torch.compile of every block; the warm-up steps absorb the compile time
         from peft import PeftModel
 
-        from vpdml.architectures import compile_blocks
+        from vpdml.modules.backbones import compile_blocks
 
         backbone = (
             model.base_model.model if isinstance(model, PeftModel) else getattr(model, "backbone", model)

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard, hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
-from hub_snapshot import make_fake_hub_snapshot
+from helpers.hub_snapshot import make_fake_hub_snapshot
 from vpdml import hub
 
 SECRET_TOKEN = "hf_SuperSecretTokenValue0123456789abcd"

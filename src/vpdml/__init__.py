@@ -1,20 +1,24 @@
 """vpdml: parameter-efficient deep metric learning with visual prompts and semantic proxies (VPTSP).
 
-``import vpdml`` registers the ``VPDML`` PEFT type, so ``get_peft_model(vit, VisualPromptDMLConfig(...))`` and
-``PeftModel.from_pretrained(vit, adapter)`` work.
+``import vpdml`` registers the ``VPDML`` PEFT type (:mod:`vpdml.tuner`), so ``get_peft_model(vit,
+VisualPromptDMLConfig(...))`` and ``PeftModel.from_pretrained(vit, adapter)`` work.
 """
 
-from .architectures import SUPPORTED_MODEL_TYPES, UnsupportedBackboneError
-from .config import METHOD_PRESETS, VisualPromptDMLConfig
-from .full_finetune import FullFineTuningDML
-from .losses import ProxyAnchorLoss, proxy_anchor_loss
-from .model import DMLForwardOutput, DMLLossOutput, VisualPromptDMLModel
-from .registration import VPDML_PEFT_TYPE, register_with_peft
-from .training_state import load_training_state, save_training_state
-
-register_with_peft()
-
-__version__ = "0.1.0"
+from vpdml.models import DMLModel, FullFineTuningDML, LoRADML, as_dml_model
+from vpdml.modules.backbones import SUPPORTED_MODEL_TYPES, UnsupportedBackboneError
+from vpdml.proxies.loss import ProxyAnchorLoss, proxy_anchor_loss
+from vpdml.tuner import (
+    METHOD_PRESETS,
+    VPDML_PEFT_TYPE,
+    DMLForwardOutput,
+    DMLLossOutput,
+    VisualPromptDMLConfig,
+    VisualPromptDMLModel,
+    load_training_state,
+    register_with_peft,
+    save_training_state,
+)
+from vpdml.version import __version__
 
 __all__ = [
     "METHOD_PRESETS",
@@ -22,13 +26,17 @@ __all__ = [
     "VPDML_PEFT_TYPE",
     "DMLForwardOutput",
     "DMLLossOutput",
+    "DMLModel",
     "FullFineTuningDML",
+    "LoRADML",
     "ProxyAnchorLoss",
     "UnsupportedBackboneError",
     "VisualPromptDMLConfig",
     "VisualPromptDMLModel",
     "__version__",
+    "as_dml_model",
     "load_training_state",
     "proxy_anchor_loss",
+    "register_with_peft",
     "save_training_state",
 ]

@@ -9,7 +9,7 @@
     launch_app({"emoji": "emoji.index"})                 # serves http://127.0.0.1:7860 until interrupted
     demo = build_app({"emoji": GalleryIndex.load("emoji.index")})  # a gr.Blocks, to launch or mount yourself
 
-Each entry is one gallery index (:class:`vpdml.index.GalleryIndex`, written by `vpdml index build`); the index
+Each entry is one gallery index (:class:`vpdml.retrieval.index.GalleryIndex`, written by `vpdml index build`); the index
 records the adapter it was built with, the backbone and the crop size, and the app reloads that adapter the way
 `vpdml search` does (:func:`vpdml.cli.load_index_model`). Models load lazily, on the first search with an index,
 and stay cached; adapters whose indexes name the same backbone share one copy of it (PEFT ``load_adapter``, then
@@ -31,7 +31,11 @@ from typing import Any
 
 import torch
 
-from .index import AdapterIdentity, GalleryIndex, QueryEmbeddings
+from vpdml.data.folders import open_query_image
+from vpdml.models.protocol import as_dml_model
+from vpdml.retrieval.identity import AdapterIdentity
+from vpdml.retrieval.index import GalleryIndex, QueryEmbeddings
+from vpdml.retrieval.pretrained import load_index_model
 
 __all__ = [
     "AdapterCache",
@@ -106,8 +110,6 @@ def _open_image(image: Any) -> Any:
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):
-        from .cli import open_query_image  # read as `vpdml search` and `index build` read image files
-
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"No such query image: {path}")
@@ -128,7 +130,7 @@ def search_image(index: GalleryIndex, query_model: QueryModel, image: Any, k: in
     """The ``k`` gallery items of ``index`` most similar to ``image``, best first.
 
     ``image``: a PIL image, an image file path or an array. Raises ``ValueError`` without an image or for
-    ``k < 1``, and :class:`vpdml.index.AdapterMismatchError` when ``query_model`` is not the index's adapter.
+    ``k < 1``, and :class:`vpdml.retrieval.index.AdapterMismatchError` when ``query_model`` is not the index's adapter.
     """
     if int(k) < 1:
         raise ValueError(f"k must be at least 1, got {k}.")
@@ -184,9 +186,6 @@ class AdapterCache:
 
     def get(self, name: str, index: GalleryIndex) -> QueryModel:
         """The :class:`QueryModel` of index ``name`` (loaded now if it is the first call)."""
-        from peft import PeftModel
-
-        from .cli import load_index_model
 
         with self._lock:
             if name in self._models:
@@ -201,7 +200,7 @@ class AdapterCache:
             model, transform, identity, _ = load_index_model(
                 index, where=f"index {name!r}", onto=onto, adapter_name=adapter_name
             )
-            is_peft = isinstance(model, PeftModel)
+            is_peft = as_dml_model(model).is_adapter
             if is_peft and backbone:
                 self._backbones.setdefault(backbone, model)
             query_model = QueryModel(model, transform, identity, adapter_name if is_peft else None)

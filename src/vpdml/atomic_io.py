@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 
@@ -53,3 +55,14 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     """Save tensors (moved to CPU, made contiguous) as a safetensors file, atomically."""
     cpu = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
     atomic_write_bytes(path, safetensors_bytes(cpu, metadata=metadata))
+
+
+def load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, naming it in the error when it is missing or unreadable (truncated, tampered)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the folder is incomplete.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated?): {error}") from error

@@ -83,8 +83,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Build caches, train, evaluate; returns the summary that :func:`print_summary` shows."""
     import torch
 
+    from vpdml.modules.loading import load_image_processor
     from vpdml.offline import emoji_splits, load_offline_backbone
-    from vpdml.training import TrainingArguments, build_model, load_image_processor, train
+    from vpdml.training.args import TrainingArguments
+    from vpdml.training.factory import build_model
+    from vpdml.training.trainer import train
 
     started = time.perf_counter()
     show_progress = not args.no_progress

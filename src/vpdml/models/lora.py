@@ -1,0 +1,138 @@
+"""PEFT's LoRA on the backbone, trained with vpdml's head, proxies, Proxy-Anchor loss and loop.
+
+The baseline a user could pick instead of prompts: low-rank updates of the attention projections. The LoRA weights
+are saved the PEFT way (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
+``PeftModel.from_pretrained(backbone, folder)``); the head and proxies go next to them as for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from vpdml.atomic_io import atomic_save_safetensors, load_safetensors_file
+from vpdml.models.full_finetune import FullFineTuningDML, read_settings
+
+LORA_CONFIG_FILE = "adapter_config.json"
+LORA_WEIGHTS_FILE = "adapter_model.safetensors"
+#: PEFT's key prefix in ``adapter_model.safetensors``: the ``PeftModel`` wraps the backbone as ``base_model.model``
+_PEFT_PREFIX = "base_model.model."
+_ADAPTER = "default"
+
+
+class LoRADML(FullFineTuningDML):
+    """Frozen backbone with LoRA on ``lora_target_modules`` (default: the attention's query and value
+    projections) -> pooled feature -> head; learnable proxies."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        num_classes: int,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: Sequence[str] | None = None,
+        **settings: Any,
+    ) -> None:
+        lora_target_modules = list(lora_target_modules or query_value_projections(backbone))
+        if int(lora_rank) < 1:
+            raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}.")
+        lora_config = LoraConfig(
+            r=int(lora_rank),
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=list(lora_target_modules),
+            base_model_name_or_path=getattr(backbone, "name_or_path", None) or None,
+        )
+        try:
+            inject_adapter_in_model(lora_config, backbone, adapter_name=_ADAPTER)
+        except ValueError as error:  # PEFT: no module matched target_modules
+            raise ValueError(
+                f"LoRA found none of {lora_target_modules} in {type(backbone).__name__}: pass lora_target_modules "
+                f"naming its attention projections (e.g. {query_value_projections(backbone)}). PEFT said: {error}"
+            ) from error
+        super().__init__(backbone, num_classes=num_classes, **settings)
+        self.lora_config = lora_config
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad = "lora_" in name
+        self.settings.update(
+            kind="lora",
+            lora_rank=int(lora_rank),
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_target_modules=list(lora_target_modules),
+        )
+
+    def describe(self) -> str:
+        return f"LoRA r={self.lora_config.r} (Proxy Anchor)"
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights under PEFT's file keys (``base_model.model.<module>.lora_A.weight``)."""
+        return {
+            _PEFT_PREFIX + key.replace(f".{_ADAPTER}.", "."): value.detach()
+            for key, value in self.backbone.state_dict().items()
+            if "lora_" in key
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """PEFT's LoRA adapter files, plus the head and proxies (``dml_head.safetensors``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.lora_config.save_pretrained(str(directory))
+        atomic_save_safetensors(self.lora_state_dict(), directory / LORA_WEIGHTS_FILE, {"format": "pt"})
+        self._save_head(directory)
+        return directory
+
+    def load_weights(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        self._load_lora(directory)
+        self._load_head(directory)
+
+    def _load_lora(self, directory: Path) -> None:
+        saved = load_safetensors_file(directory / LORA_WEIGHTS_FILE)
+        expected = self.lora_state_dict()
+        if set(saved) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+            raise ValueError(
+                f"{directory / LORA_WEIGHTS_FILE} does not match this LoRA model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}): was it saved with another rank or target modules?"
+            )
+        own = {
+            key[len(_PEFT_PREFIX) :]
+            .replace(".lora_A.", f".lora_A.{_ADAPTER}.")
+            .replace(".lora_B.", f".lora_B.{_ADAPTER}."): value
+            for key, value in saved.items()
+        }
+        result = self.backbone.load_state_dict(own, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(
+                f"{directory / LORA_WEIGHTS_FILE}: unexpected keys {result.unexpected_keys[:3]}."
+            )
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, backbone: nn.Module) -> LoRADML:
+        """Rebuild a saved LoRA model on ``backbone`` (the frozen model it was trained on, see
+        :func:`saved_base_model`)."""
+        directory = Path(directory)
+        model = cls(backbone, **read_settings(directory))
+        model.load_weights(directory)
+        return model
+
+
+def saved_base_model(directory: str | os.PathLike) -> str | None:
+    """The ``base_model_name_or_path`` a saved LoRA adapter names."""
+    return LoraConfig.from_pretrained(str(directory)).base_model_name_or_path or None
+
+
+def query_value_projections(backbone: nn.Module) -> list[str]:
+    """The attention query and value projections' module names (LoRA's usual targets): ``q_proj``/``v_proj``
+    (CLIP, and ViT/DINOv2 in transformers >= 5) or ``query``/``value`` (ViT/DINOv2 in transformers 4)."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
+    return ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= leaves else ["query", "value"]

@@ -1,0 +1,519 @@
+"""Cross-style icon retrieval: a class-labelled image dataset built from Material Design icons, offline.
+
+One class per icon name, one image per drawing style (``filled``, ``outlined``, ``round``, ``sharp``,
+``two-tone``): the same concept drawn solid, as an outline, with round or square corners, or with a light
+tint. Source: ``@material-design-icons/svg@0.14.15`` on npm (Apache-2.0; Google's Material Design icons as
+optimised SVGs, 2,122 icons in each of the five styles), pinned by sha256, rasterised with cairosvg and
+composited on white (64 px by default).
+
+The styles often draw an icon the same way (filled and sharp are pixel-identical for 916 icons), and some
+icons are one picture under several names (``alarm`` and ``access_alarm``, ``schedule`` and
+``query_builder``). Pictures are compared at 64 px; two are "the same" when no pixel differs by more than
+64 of 255 levels. Within a class one image per distinct picture is kept; classes with fewer than three
+distinct pictures are dropped; classes that share a picture are one icon under several names, and only the
+one with the most distinct pictures (then the first by name) is kept. Result: 1,455 classes, 6,086 images
+(611 classes with five images, 499 with four, 345 with three); 532 icons had fewer than three distinct
+pictures and 135 were aliases. See ``docs/icons-benchmark.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vpdml.data.splits import DMLSplits
+from vpdml.data.splits import select_classes as select_dataset_classes
+from vpdml.offline.cache import publish_staged_dir, resolve_cache_dir
+from vpdml.offline.class_split import split_emoji_classes
+from vpdml.offline.npm import NpmPackage, OfflineDatasetError, fetch_npm_package, read_tar_members
+from vpdml.offline.rendering import png_bytes, rasterise_svg
+
+if TYPE_CHECKING:
+    import datasets
+    from datasets import Dataset
+
+ICON_STYLES = ("filled", "outlined", "round", "sharp", "two-tone")
+DEFAULT_IMAGE_SIZE = 64
+# A class keeps at least this many distinct pictures (styles drawn alike count once).
+MIN_STYLES_PER_CLASS = 3
+# Pictures are compared at this size whatever size is stored, so every image size has the same classes.
+COMPARISON_SIZE = 64
+# Two pictures are the same when no pixel differs by more than this (of 255): the same outline drawn with
+# other path data differs by anti-aliasing only (up to ~60 levels at 64 px), while a real difference fills
+# whole pixels (255) and two-tone's 30%-opacity tint differs from white by 77.
+SAME_PICTURE_TOLERANCE = 64
+# Bump when the build changes what ends up in the dataset, so that stale caches are rebuilt.
+DATASET_FORMAT_VERSION = 1
+BUILD_INFO_FILE = "vpdml_icons_build.json"
+# Below this many icons, rendering in worker processes costs more than it saves.
+MIN_ICONS_FOR_WORKERS = 256
+MAX_RENDER_WORKERS = 4
+
+
+class ScopedNpmPackage(NpmPackage):
+    """A pinned npm package whose name has a scope: ``npm pack @scope/name`` writes ``scope-name-V.tgz``."""
+
+    @property
+    def tarball_name(self) -> str:
+        return f"{self.name.removeprefix('@').replace('/', '-')}-{self.version}.tgz"
+
+
+ICON_PACKAGE = ScopedNpmPackage(
+    "@material-design-icons/svg",
+    "0.14.15",
+    "ad2e66e39dce7fd92a290b5dd8e8268cd0a471baa588f41b184782d6546202ed",
+    "Apache-2.0 (Material Design icons, Google; SVGs optimised by marella/material-design-icons)",
+)
+_ICON_MEMBER = re.compile(
+    r"^package/(?P<style>" + "|".join(map(re.escape, ICON_STYLES)) + r")/(?P<name>[^/]+)\.svg$"
+)
+
+
+class IconDatasetError(OfflineDatasetError):
+    """The icon dataset cannot be built (npm missing or failing, a bad tarball, an unreadable SVG)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The npm tarball and its layout
+# --------------------------------------------------------------------------------------------------
+
+
+def fetch_icon_package(cache_dir: Path, package: NpmPackage = ICON_PACKAGE) -> Path:
+    """The pinned tarball under ``cache_dir/npm`` (``npm pack`` runs only when it is absent or altered)."""
+    cached = cache_dir / "npm" / package.tarball_name
+    already_there = cached.is_file() and hashlib.sha256(cached.read_bytes()).hexdigest() == package.sha256
+    if not already_there and shutil.which("npm") is None:
+        raise IconDatasetError(
+            f"Building the icon dataset downloads {package.spec} with `npm pack`, but npm is not on PATH. "
+            f"Install Node.js/npm (e.g. `apt-get install npm`) or copy the tarball to {cached} yourself."
+        )
+    try:
+        return fetch_npm_package(package, cache_dir)
+    except OfflineDatasetError as error:  # the shared npm helper reports npm failures and checksum mismatches
+        raise IconDatasetError(str(error)) from error
+
+
+def read_icon_svgs(tarball: Path) -> dict[str, dict[str, bytes]]:
+    """``icon name -> {style: SVG bytes}`` from the ``package/<style>/<name>.svg`` members, nothing else."""
+    try:
+        members = read_tar_members(tarball, lambda name: _ICON_MEMBER.match(name) is not None)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise IconDatasetError(
+            f"{tarball} is not a readable .tgz ({error}); delete it so that it is fetched again."
+        ) from error
+    icons: dict[str, dict[str, bytes]] = {}
+    for member, svg in members.items():
+        match = _ICON_MEMBER.match(member)
+        if match is not None:
+            icons.setdefault(match["name"], {})[match["style"]] = svg
+    return icons
+
+
+def candidate_icons(icons: dict[str, dict[str, bytes]]) -> list[str]:
+    """Icon names drawn in at least ``MIN_STYLES_PER_CLASS`` styles, sorted (so class ids are stable)."""
+    return sorted(name for name, styles in icons.items() if len(styles) >= MIN_STYLES_PER_CLASS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RenderedIcon:
+    """One style of one icon: PNG bytes at the stored size and the pixels at ``COMPARISON_SIZE``."""
+
+    png: bytes
+    reference: np.ndarray
+
+
+IconSources = tuple[str, tuple[tuple[str, bytes], ...], int]
+
+
+def render_icon(sources: IconSources) -> list[RenderedIcon]:
+    """Render one icon's styles (given as ``(style, svg)`` pairs) on white, stored and comparison sizes."""
+    name, svgs, image_size = sources
+    rendered = []
+    for style, svg in svgs:
+        try:
+            reference = rasterise_svg(svg, COMPARISON_SIZE)
+            image = reference if image_size == COMPARISON_SIZE else rasterise_svg(svg, image_size)
+        except OfflineDatasetError as error:  # cairosvg (or the cairo library) is missing
+            raise IconDatasetError(str(error)) from error
+        except Exception as error:
+            raise IconDatasetError(f"Cannot rasterise icon {name!r} ({style}): {error}") from error
+        rendered.append(RenderedIcon(png_bytes(image), np.asarray(reference)))
+    return rendered
+
+
+def _render_all(sources: list[IconSources], show_progress: bool) -> list[list[RenderedIcon]]:
+    """Render every icon in order; a few worker processes when there are many (rasterising dominates)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(cores, MAX_RENDER_WORKERS))
+    progress = {"total": len(sources), "desc": "Rasterising icons", "unit": "icon", "mininterval": 1.0}
+    if workers == 1 or len(sources) < MIN_ICONS_FOR_WORKERS:
+        return [render_icon(item) for item in tqdm(sources, disable=not show_progress, **progress)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(render_icon, sources, chunksize=32), disable=not show_progress, **progress))
+
+
+# --------------------------------------------------------------------------------------------------
+# Which pictures are the same, which classes are kept
+# --------------------------------------------------------------------------------------------------
+
+
+def same_picture_groups(pictures: np.ndarray, tolerance: int = SAME_PICTURE_TOLERANCE) -> np.ndarray:
+    """A group id per picture (``N x H x W [x C]`` uint8): the smallest index of its connected component.
+
+    Two pictures are linked when no pixel (and channel) differs by more than ``tolerance``. Exact copies
+    are merged first; the other pairs are screened on 8 x 8 block means (a block mean cannot differ by more
+    than the pixels in it, so no pair within tolerance is missed) and then checked pixel by pixel.
+    """
+    count = len(pictures)
+    flat = pictures.reshape(count, -1)
+    first_of_digest: dict[bytes, int] = {}
+    exact = np.array([first_of_digest.setdefault(row.tobytes(), index) for index, row in enumerate(flat)])
+    unique = np.flatnonzero(exact == np.arange(count))
+    edges = [(int(exact[index]), index) for index in range(count) if exact[index] != index]
+    for left, right in _screened_pairs(_block_means(pictures[unique]), float(tolerance)):
+        difference = np.abs(flat[unique[left]].astype(np.int16) - flat[unique[right]].astype(np.int16))
+        if int(difference.max()) <= tolerance:
+            edges.append((int(unique[left]), int(unique[right])))
+    return _components(count, edges)
+
+
+def _block_means(pictures: np.ndarray, grid: int = 8) -> np.ndarray:
+    """Channel-mean pixels averaged over ``grid x grid`` blocks (all pixels when the size won't divide)."""
+    count, height, width = pictures.shape[:3]
+    grey = pictures.reshape(count, height, width, -1).mean(axis=3, dtype=np.float32)
+    if height % grid or width % grid:
+        return grey.reshape(count, -1)
+    return grey.reshape(count, grid, height // grid, grid, width // grid).mean(axis=(2, 4)).reshape(count, -1)
+
+
+def _screened_pairs(features: np.ndarray, tolerance: float, chunk: int = 512) -> list[tuple[int, int]]:
+    """Pairs ``i < j`` whose features differ by at most ``tolerance`` in every coordinate (L-infinity)."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    pairs: list[tuple[int, int]] = []
+    for start in range(0, len(tensor), chunk):
+        distances = torch.cdist(tensor[start : start + chunk], tensor, p=float("inf"))
+        rows, columns = torch.nonzero(distances <= tolerance + 1e-3, as_tuple=True)
+        rows = rows + start
+        keep = rows < columns
+        pairs.extend(zip(rows[keep].tolist(), columns[keep].tolist(), strict=True))
+    return pairs
+
+
+def _components(count: int, edges: Iterable[tuple[int, int]]) -> np.ndarray:
+    """Union-find: for each node, the smallest node of its connected component."""
+    parent = list(range(count))
+
+    def root(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for left, right in edges:
+        left_root, right_root = root(left), root(right)
+        if left_root != right_root:
+            parent[max(left_root, right_root)] = min(left_root, right_root)
+    return np.array([root(node) for node in range(count)], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class IconClass:
+    """A kept class: its icon name and its distinct pictures, each the styles that draw it (first shown)."""
+
+    name: str
+    pictures: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class IconSelection:
+    """Which classes are kept, and why the others are not."""
+
+    classes: list[IconClass]
+    too_few_styles: list[str]
+    aliases: dict[str, str]  # dropped icon name -> the kept icon that draws a same picture
+
+
+def distinct_pictures(style_groups: dict[str, int]) -> tuple[tuple[str, ...], ...]:
+    """Styles grouped by picture, in ``ICON_STYLES`` order: ``(("filled", "sharp"), ("outlined",), ...)``."""
+    by_group: dict[int, list[str]] = {}
+    for style in (style for style in ICON_STYLES if style in style_groups):
+        by_group.setdefault(style_groups[style], []).append(style)
+    return tuple(tuple(styles) for styles in by_group.values())
+
+
+def select_icon_classes(names: Sequence[str], style_groups: Sequence[dict[str, int]]) -> IconSelection:
+    """Keep classes with enough distinct pictures, then one class per set of names sharing a picture.
+
+    ``style_groups[i]`` maps each style of icon ``names[i]`` to its picture group (``same_picture_groups``).
+    A class with fewer than ``MIN_STYLES_PER_CLASS`` distinct pictures is dropped (all five Material styles
+    of ``add`` are one plus sign). Classes that share a picture (directly or through a chain) are one icon
+    under several names (``alarm``/``access_alarm``): a query would find the other name's copy at distance
+    zero. Of such a set, the class with the most distinct pictures is kept (ties: the first in ``names``),
+    so it is no longer ambiguous with anything left.
+    """
+    pictures = [distinct_pictures(groups) for groups in style_groups]
+    eligible = [index for index, found in enumerate(pictures) if len(found) >= MIN_STYLES_PER_CLASS]
+    owner_of_group: dict[int, int] = {}
+    edges = []
+    for position, index in enumerate(eligible):
+        for group in set(style_groups[index].values()):
+            edges.append((owner_of_group.setdefault(group, position), position))
+    components = _components(len(eligible), edges)
+    best: dict[int, int] = {}
+    for position, index in enumerate(eligible):
+        current = best.setdefault(int(components[position]), index)
+        if len(pictures[index]) > len(pictures[current]):
+            best[int(components[position])] = index
+    kept = sorted(best.values())
+    aliases = {
+        names[index]: names[best[int(components[position])]]
+        for position, index in enumerate(eligible)
+        if best[int(components[position])] != index
+    }
+    return IconSelection(
+        classes=[IconClass(names[index], pictures[index]) for index in kept],
+        too_few_styles=[
+            names[index] for index, found in enumerate(pictures) if len(found) < MIN_STYLES_PER_CLASS
+        ],
+        aliases=aliases,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Build and cache
+# --------------------------------------------------------------------------------------------------
+
+
+def icon_dataset_dir(
+    cache_dir: str | os.PathLike[str] | None = None, image_size: int = DEFAULT_IMAGE_SIZE
+) -> Path:
+    """Where the built dataset is cached (whether or not it exists yet)."""
+    return resolve_cache_dir(cache_dir) / "datasets" / f"icons-v{DATASET_FORMAT_VERSION}-{image_size}px"
+
+
+def ensure_icon_dataset(
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    force: bool = False,
+    show_progress: bool = True,
+) -> Dataset:
+    """Build once (npm tarball -> icons on white) and return the cached cross-style icon dataset.
+
+    Returns a ``datasets.Dataset`` with columns ``image`` (``Image``, RGB), ``label`` (``ClassLabel`` whose
+    names are the icon names), ``style`` (the first style, in ``ICON_STYLES`` order, that draws this
+    picture), ``styles`` (every style that draws it, comma-separated) and ``name``; rows are ordered by
+    label, then style. A cached build is loaded without calling npm; ``force=True`` rebuilds it.
+    """
+    import datasets
+
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 16 <= image_size <= 1024:
+        raise ValueError(f"image_size must be an int pixel size in [16, 1024], got {image_size!r}.")
+    root = resolve_cache_dir(cache_dir)
+    target = icon_dataset_dir(root, image_size)
+    if not force and _is_complete_build(target):
+        return datasets.load_from_disk(str(target))
+
+    started = time.perf_counter()
+    tarball = fetch_icon_package(root)
+    fetched = time.perf_counter()
+    records, selection, statistics = _build_records(tarball, image_size, show_progress=show_progress)
+    dataset = datasets.Dataset.from_dict(
+        records, features=_features([icon.name for icon in selection.classes])
+    )
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a sibling temp dir and rename, so an interrupted build never looks finished.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        dataset.save_to_disk(str(staging))
+        timings = {"fetch_s": fetched - started, "build_s": time.perf_counter() - fetched}
+        _write_build_info(staging, dataset.num_rows, image_size, timings, selection, statistics)
+        publish_staged_dir(staging, target, replace=force or not _is_complete_build(target))
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return datasets.load_from_disk(str(target))
+
+
+def read_icon_build_info(
+    cache_dir: str | os.PathLike[str] | None = None, image_size: int = DEFAULT_IMAGE_SIZE
+) -> dict:
+    """The record written next to a built dataset (counts, what was dropped and why, source, build time)."""
+    return json.loads((icon_dataset_dir(cache_dir, image_size) / BUILD_INFO_FILE).read_text())
+
+
+def _build_records(
+    tarball: Path, image_size: int, *, show_progress: bool
+) -> tuple[dict[str, list[Any]], IconSelection, dict[str, Any]]:
+    """Read the tarball, render every candidate, select classes; return rows, selection, statistics."""
+    icons = read_icon_svgs(tarball)
+    names = candidate_icons(icons)
+    if not names:
+        raise IconDatasetError(
+            f"{tarball.name} holds no icon drawn in {MIN_STYLES_PER_CLASS} of the styles "
+            f"{', '.join(ICON_STYLES)} "
+            "(expected package/<style>/<name>.svg): the package layout changed."
+        )
+    sources = [
+        (
+            name,
+            tuple((style, icons[name][style]) for style in ICON_STYLES if style in icons[name]),
+            image_size,
+        )
+        for name in names
+    ]
+    rendered = _render_all(sources, show_progress)
+    groups = same_picture_groups(np.stack([image.reference for images in rendered for image in images]))
+    style_groups, pngs, offset = [], {}, 0
+    for (name, svgs, _), images in zip(sources, rendered, strict=True):
+        style_groups.append(
+            {style: int(groups[offset + position]) for position, (style, _) in enumerate(svgs)}
+        )
+        pngs.update({(name, style): image.png for (style, _), image in zip(svgs, images, strict=True)})
+        offset += len(svgs)
+    selection = select_icon_classes(names, style_groups)
+    if not selection.classes:
+        raise IconDatasetError(f"No icon of {tarball.name} has {MIN_STYLES_PER_CLASS} distinct styles.")
+
+    records: dict[str, list[Any]] = {"image": [], "label": [], "style": [], "styles": [], "name": []}
+    for label, icon in enumerate(selection.classes):
+        for styles in icon.pictures:
+            records["image"].append({"bytes": pngs[icon.name, styles[0]], "path": None})
+            records["label"].append(label)
+            records["style"].append(styles[0])
+            records["styles"].append(",".join(styles))
+            records["name"].append(icon.name)
+    return records, selection, _statistics(names, sources, selection)
+
+
+def _statistics(names: list[str], sources: list[IconSources], selection: IconSelection) -> dict[str, Any]:
+    per_class = [len(icon.pictures) for icon in selection.classes]
+    kept_styles = [styles[0] for icon in selection.classes for styles in icon.pictures]
+    return {
+        "candidate_classes": len(names),
+        "candidate_images": sum(len(svgs) for _, svgs, _ in sources),
+        "classes_dropped_too_few_distinct_styles": len(selection.too_few_styles),
+        "classes_dropped_as_aliases": len(selection.aliases),
+        "aliases": selection.aliases,
+        "images_per_class": {str(size): per_class.count(size) for size in sorted(set(per_class))},
+        "images_per_style": {style: kept_styles.count(style) for style in ICON_STYLES},
+        "same_as_an_earlier_style_dropped": {
+            style: sum(style in styles[1:] for icon in selection.classes for styles in icon.pictures)
+            for style in ICON_STYLES
+        },
+    }
+
+
+def _features(class_names: list[str]) -> datasets.Features:
+    import datasets
+
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=class_names),
+            "style": datasets.Value("string"),
+            "styles": datasets.Value("string"),
+            "name": datasets.Value("string"),
+        }
+    )
+
+
+def _is_complete_build(target: Path) -> bool:
+    info_path = target / BUILD_INFO_FILE
+    if not info_path.is_file():
+        return False
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return info.get("format_version") == DATASET_FORMAT_VERSION
+
+
+def _write_build_info(
+    directory: Path,
+    num_images: int,
+    image_size: int,
+    timings: dict[str, float],
+    selection: IconSelection,
+    statistics: dict[str, Any],
+) -> None:
+    info = {
+        "format_version": DATASET_FORMAT_VERSION,
+        "num_classes": len(selection.classes),
+        "num_images": num_images,
+        "styles": list(ICON_STYLES),
+        "image_size": image_size,
+        "source": {
+            "package": ICON_PACKAGE.spec,
+            "sha256": ICON_PACKAGE.sha256,
+            "license": ICON_PACKAGE.license,
+        },
+        "min_styles_per_class": MIN_STYLES_PER_CLASS,
+        "comparison_size": COMPARISON_SIZE,
+        "same_picture_tolerance": SAME_PICTURE_TOLERANCE,
+        "selection": statistics,
+        "timings_s": {name: round(seconds, 2) for name, seconds in timings.items()},
+    }
+    (directory / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Class-disjoint splits
+# --------------------------------------------------------------------------------------------------
+
+
+def icon_splits(
+    seed: int = 0,
+    num_train_classes: int | None = None,
+    num_test_classes: int | None = None,
+    validation_classes: int = 0,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    dataset: Dataset | None = None,
+    show_progress: bool = True,
+) -> DMLSplits:
+    """Class-disjoint ``DMLSplits`` (name ``"icons"``): train on half the icons, test on the other half.
+
+    ``dataset`` defaults to :func:`ensure_icon_dataset` (built on first use). The class split is the
+    emoji benchmark's (:func:`vpdml.offline.emoji.split_emoji_classes`): a seeded shuffle cut in halves,
+    validation held out of the training half first, subsets taken as prefixes. Each split gets contiguous
+    labels; ``original_label`` keeps the icon class id (``ClassLabel`` names are the icon names).
+    """
+    if dataset is None:
+        dataset = ensure_icon_dataset(cache_dir, image_size=image_size, show_progress=show_progress)
+    num_classes = dataset.features["label"].num_classes
+    train, validation, test = split_emoji_classes(
+        num_classes, seed, num_train_classes, num_test_classes, validation_classes
+    )
+    return DMLSplits(
+        name="icons",
+        train=select_dataset_classes(dataset, train),
+        test=select_dataset_classes(dataset, test),
+        validation=select_dataset_classes(dataset, validation) if validation else None,
+    )

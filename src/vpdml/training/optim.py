@@ -1,0 +1,80 @@
+"""Optimizer parameter groups, optimizer and learning-rate schedule of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vpdml.modules.row_sparse import (
+    RowSparseAdamW,
+    RowSparseSGD,
+    has_row_sparse_parameters,
+)
+from vpdml.training.args import TrainingArguments
+
+__all__ = ["create_optimizer", "parameter_groups"]
+# Parameter names that hold tokens rather than weights: never weight-decayed (decay would pull them to "absent").
+_TOKEN_PARAMETER_MARKERS = ("prompts", "cls_token", "position_embeddings", "mask_token", "register_tokens")
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_learnable_proxy(name: str) -> bool:
+    return name.endswith("learnable") and ("dml_proxies." in name or name.startswith("proxies."))
+
+
+def parameter_groups(model: nn.Module, args: TrainingArguments) -> list[dict[str, Any]]:
+    """Optimizer groups: weight matrices (``learning_rate``, ``weight_decay``), other trainable tensors
+    (``learning_rate``, no decay: biases, norms, BitFit offsets, prompts and tokens) and the learnable proxies
+    (``proxy_learning_rate``, no decay). Empty groups are left out; the order is deterministic."""
+    decay, no_decay, proxies = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if _is_learnable_proxy(name):
+            proxies.append(param)
+        elif param.ndim >= 2 and not any(marker in name for marker in _TOKEN_PARAMETER_MARKERS):
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [
+        {"params": decay, "lr": args.learning_rate, "weight_decay": args.weight_decay},
+        {"params": no_decay, "lr": args.learning_rate, "weight_decay": 0.0},
+        {"params": proxies, "lr": args.proxy_learning_rate, "weight_decay": 0.0},
+    ]
+    groups = [group for group in groups if group["params"]]
+    if not groups:
+        raise ValueError(
+            "The model has no trainable parameters: is the adapter active and not in inference mode?"
+        )
+    return groups
+
+
+def create_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
+    """AdamW or SGD over :func:`parameter_groups`.
+
+    A model with row-sparse parameters (class prompts stored ``"sparse"`` or ``"low_rank"``, see
+    :mod:`vpdml.proxies.class_prompts`, or learnable proxies with ``proxy_negatives``) gets
+    :class:`vpdml.modules.row_sparse.RowSparseAdamW` / ``RowSparseSGD``, which update only the rows in the gradient (the
+    batch's classes, the sampled proxies) and apply PyTorch's own update to every dense parameter.
+    """
+    groups = parameter_groups(model, args)
+    if has_row_sparse_parameters(model):
+        if args.optimizer == "sgd":
+            return RowSparseSGD(groups, lr=args.learning_rate, momentum=args.momentum)
+        return RowSparseAdamW(groups, lr=args.learning_rate)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum)
+    return torch.optim.AdamW(groups, lr=args.learning_rate)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)

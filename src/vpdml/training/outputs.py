@@ -1,0 +1,160 @@
+"""The files a finished run writes next to its adapter: metrics.json, model card, plots; and the Hub push."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vpdml import hub
+from vpdml.atomic_io import atomic_write_json
+from vpdml.data import (
+    EvalSets,
+)
+from vpdml.models.protocol import DMLModel, as_dml_model
+from vpdml.plots import plot_retrieval_grid, plot_training_curves
+from vpdml.retrieval.evaluate import (
+    SplitEmbeddings,
+    class_names_of,
+)
+from vpdml.retrieval.knn import nearest_neighbors
+from vpdml.training.args import TrainingArguments
+from vpdml.training.checkpoints import save_model_weights
+from vpdml.version import __version__
+
+METRICS_FILE = "metrics.json"
+CURVES_FILE = "training_curves.png"
+GRID_FILE = "retrieval_grid.png"
+
+
+def json_ready(values: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(values, default=str))
+
+
+def draw_retrieval_grid(
+    embeddings: SplitEmbeddings,
+    sets: EvalSets,
+    path: Path,
+    plot: Callable[..., Path],
+    *,
+    queries: int = 6,
+    neighbours: int = 5,
+) -> Path | None:
+    """Queries spread over the split and their nearest gallery images (the query itself left out)."""
+    available = embeddings.gallery.shape[0] - int(embeddings.same_set)
+    k = min(neighbours, available)
+    if k < 1:
+        return None
+    rows = np.unique(
+        np.linspace(0, embeddings.query.shape[0] - 1, num=min(queries, embeddings.query.shape[0])).astype(int)
+    )
+    scores, indices = nearest_neighbors(
+        embeddings.query[rows], embeddings.gallery, k + int(embeddings.same_set)
+    )
+    if embeddings.same_set:  # drop each query's own index, keep k
+        kept_scores, kept_indices = [], []
+        for row, (row_scores, row_indices) in zip(rows, zip(scores, indices, strict=True), strict=True):
+            mask = row_indices != int(row)
+            kept_scores.append(row_scores[mask][:k])
+            kept_indices.append(row_indices[mask][:k])
+        scores, indices = torch.stack(kept_scores), torch.stack(kept_indices)
+    query_set, gallery_set = sets.query, sets.gallery
+    return plot(
+        lambda i: query_set[int(rows[i])]["image"],
+        embeddings.query_labels[rows].numpy(),
+        lambda i: gallery_set[int(i)]["image"],
+        embeddings.gallery_labels.numpy(),
+        indices.numpy(),
+        scores.numpy(),
+        path,
+        max_queries=len(rows),
+        class_names=class_names_of(gallery_set),
+    )
+
+
+def write_run_outputs(
+    model: nn.Module,
+    out: Path,
+    args: TrainingArguments,
+    *,
+    dataset: str,
+    selected_on: str | None,
+    best_step: int | None,
+    global_step: int,
+    image_size: int | None,
+    head_warmup_losses: list[float],
+    history: list[dict[str, Any]],
+    metrics: dict[str, dict[str, dict[str, float]]],
+    final: Mapping[str, SplitEmbeddings],
+    eval_sets: Mapping[str, EvalSets],
+) -> dict[str, Path]:
+    """Save the selected weights and write metrics.json, the plots and (adapters) the model card into ``out``."""
+    dml = as_dml_model(model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model_weights(model, out, with_training_state=args.keep_training_state)
+    files = {"adapter": out}
+    summary = {
+        "dataset": dataset,
+        "method": dml.describe(),
+        "selected_on": selected_on,
+        "select_metric": args.select_metric,
+        "best_step": best_step,
+        "global_step": global_step,
+        # the evaluation crop size: `vpdml evaluate` / `vpdml embed` reuse it by default
+        "image_size": image_size,
+        "head_warmup_losses": head_warmup_losses,
+        **metrics,
+    }
+    atomic_write_json(out / METRICS_FILE, summary)
+    files["metrics"] = out / METRICS_FILE
+    if history:
+        files["training_curves"] = plot_training_curves(history, out / CURVES_FILE)
+    shown = "test" if "test" in final else next(iter(final), None)
+    if shown is not None:
+        grid = draw_retrieval_grid(final[shown], eval_sets[shown], out / GRID_FILE, plot_retrieval_grid)
+        if grid is not None:
+            files["retrieval_grid"] = grid
+    if dml.is_adapter:
+        files["model_card"] = _write_card(dml, out, args, dataset, metrics["trained"])
+    return files
+
+
+def _write_card(
+    dml: DMLModel,
+    out: Path,
+    args: TrainingArguments,
+    dataset: str,
+    trained: Mapping[str, Mapping[str, float]],
+) -> Path:
+    config = dml.config
+    counts = dml.module.parameter_counts()
+    return hub.write_model_card(
+        out,
+        base_model=config.base_model_name_or_path or "a custom backbone",
+        dataset=dataset,
+        method=dml.describe(),
+        peft_config=json_ready(config.to_dict()),
+        trainable_parameters=counts["trainable_total"],
+        total_backbone_parameters=counts["backbone"],
+        metrics={split: dict(values) for split, values in trained.items()},
+        training_args=args.to_dict(),
+        library_version=__version__,
+        repo_id=args.push_to_hub,
+    )
+
+
+def push_run(output_dir: Path, args: TrainingArguments, files: Mapping[str, Path]) -> str:
+    """Upload a finished run's adapter, card, metrics and plots to ``args.push_to_hub``."""
+    if "model_card" not in files:
+        raise ValueError(
+            "push_to_hub uploads PEFT adapters; full fine-tuning runs save the whole model locally."
+        )
+    # through the module, so that a test (or a user) can replace the upload
+    return hub.push_adapter_to_hub(
+        output_dir, args.push_to_hub, token=args.hub_token, private=args.hub_private
+    )
