@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -34,9 +35,14 @@ METHODS = (
     "vptsp-g-1img",
     "vptsp-g-1img-eq",
     "vptsp-g-1img-eq-fused",
+    "vptsp-g-1img-every4",
+    "lora",
     "full-finetune",
     "vptsp-g-embed",
 )
+#: proxy pass on every k-th step only (``proxy_pass_every``): such a method is timed over whole k-step cycles, by the
+#: mean step (a median would pick the cheap steps)
+PROXY_PASS_EVERY = {"vptsp-g-1img-every4": 4}
 # Forward-only rows: the frozen backbone (the floor) and embedding with a trained VPTSP-G adapter (inference:
 # shared prompts + head; class prompts and proxies are not used).
 INFERENCE_METHODS = ("frozen-forward", "vptsp-g-embed")
@@ -81,9 +87,13 @@ def _build(method: str, setting: Setting):
         return backbone.requires_grad_(False)
     if method == "full-finetune":
         return vpdml.FullFineTuningDML(backbone, num_classes=setting.num_classes)
+    if method == "lora":
+        return vpdml.LoRADML(backbone, num_classes=setting.num_classes)
     name, overrides = method, {}
     if method.startswith("vptsp-g-1img"):
         name, overrides = "vptsp-g", {"semantic_images_per_class": 1}
+    if method in PROXY_PASS_EVERY:
+        overrides["proxy_pass_every"] = PROXY_PASS_EVERY[method]
     if method.startswith(
         "vptsp-g-1img-eq"
     ):  # as many class prompts as shared prompts: one fused pass possible
@@ -144,15 +154,18 @@ def _run_one(method: str, setting: Setting) -> dict[str, float]:
 
     step, params = make_step(method, setting)
     batch = setting.classes_per_batch * setting.samples_per_class
+    every = PROXY_PASS_EVERY.get(method, 1)
+    warmup = math.ceil(setting.warmup / every) * every  # the timed steps start a cycle
+    steps = math.ceil(setting.steps / every) * every
     times = []
-    for index in range(setting.warmup + setting.steps):
+    for index in range(warmup + steps):
         if setting.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         step()
         if setting.device == "cuda":
             torch.cuda.synchronize()
-        if index >= setting.warmup:
+        if index >= warmup:
             times.append(time.perf_counter() - start)
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
@@ -160,7 +173,8 @@ def _run_one(method: str, setting: Setting) -> dict[str, float]:
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
     trainable = sum(p.numel() for p in params)
-    return {"step_s": statistics.median(times), "peak_mib": peak, "trainable": trainable, "images": batch}
+    step_s = statistics.fmean(times) if every > 1 else statistics.median(times)
+    return {"step_s": step_s, "peak_mib": peak, "trainable": trainable, "images": batch}
 
 
 def _measure(method: str, setting: Setting) -> dict[str, float]:

@@ -185,7 +185,16 @@ DATA_STARTED_PROXIES = {
         ("low_rank", "sgd", None, {}),
         ("dense", "adamw", 3, {}),
         ("dense", "adamw", None, DATA_STARTED_PROXIES),
-        ("dense", "adamw", 3, {"semantic_proxy_init": "first_pass", "unseen_semantic_proxies": "learnable"}),
+        (
+            "dense",
+            "adamw",
+            3,
+            {
+                "semantic_proxy_init": "first_pass",
+                "unseen_semantic_proxies": "learnable",
+                "proxy_pass_every": 2,
+            },
+        ),
     ],
     ids=[
         "dense-adamw",

@@ -31,6 +31,7 @@ ADAPTER_OPTIONS = (
     "class_prompt_offload",
     "semantic_images_per_class",
     "fuse_proxy_pass",
+    "proxy_pass_every",
     "proxy_keep_ratio",
     "gru_dropout",
     "proxy_mix_alpha",

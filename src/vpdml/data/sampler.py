@@ -1,61 +1,8 @@
 """Class-balanced batch sampling (P classes x m images per batch), deterministic and resumable.
 
-Proxy Anchor and the semantic-proxy branch learn from batches with several images per class. The
-:class:`ClassBalancedBatchSampler` yields lists of dataset indices; pass it as ``batch_sampler=`` to a
-``torch.utils.data.DataLoader``.
-
-How an epoch is built (all from ``numpy.random.default_rng([seed, epoch])``):
-
-1. each class shuffles its images into a deck and deals them out in chunks of ``m``;
-2. each batch picks ``P`` distinct classes at random, weighted by how many chunks they have left, and
-   takes one chunk from each, so every image is used about once per epoch and big classes do not end
-   up alone at the end of the epoch;
-3. a class whose deck runs out while fewer than ``P`` classes have images left gets a freshly shuffled
-   deck (epochs are ``N // (P*m)`` batches long, so a few images can be used twice).
-
-A chunk that straddles the end of a deck is completed from a new shuffle without repeating an image.
-Classes with fewer than ``m`` images are *topped up*: each of their images once, plus images drawn
-again at random to reach ``m`` (so the batch repeats some images; a warning counts such classes).
-
-Multi-process training
-----------------------
-A global batch is laid out class by class (``P`` blocks of ``m`` indices). With ``num_replicas=R`` and
-``rank=r`` the sampler yields only the ``r``-th of ``R`` equal, contiguous slices of each global batch:
-``P/R`` whole classes, so each rank's local batch is class-balanced too, and the ranks together see the
-same ``P x m`` batches as one process would. All ranks must use the same ``seed``.
-
-With accelerate (checked against accelerate 1.15 ``data_loader.py``): ``accelerator.prepare`` wraps a
-custom ``batch_sampler`` in ``BatchSamplerShard`` whenever there is more than one process, so the
-sampler must *not* shard itself then. Either:
-
-- (recommended) build it with ``num_replicas=1`` and create the accelerator with
-  ``Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))``. ``BatchSamplerShard``
-  then slices each global batch into contiguous ``batch_size / R`` chunks, which is exactly this
-  sampler's ``num_replicas=R`` sharding (tested), as long as ``classes_per_batch`` is divisible by R.
-  ``split_batches`` applies to every prepared loader: give evaluation loaders a batch size divisible
-  by R too, or do not prepare them. Without ``split_batches`` (accelerate's default) each process gets
-  different whole batches instead: still class-balanced, but the global batch becomes ``R x P x m``;
-- or do not pass the training loader through ``accelerator.prepare`` (move batches to the device
-  yourself) and build the sampler with ``num_replicas=accelerator.num_processes``,
-  ``rank=accelerator.process_index``. This is also how to use it with plain ``torchrun``/DDP.
-
-Epochs and exact resume
------------------------
-The sampler is a stream: ``set_epoch(e)`` jumps to the start of epoch ``e`` (if ``e`` is not the
-current epoch; the same epoch is a no-op), each ``__iter__`` continues where the last one stopped, and
-finishing an epoch moves to the next one. ``state_dict()`` holds the epoch and the number of (global)
-batches already yielded; after ``load_state_dict`` the next ``__iter__`` yields exactly the remaining
-batches of that epoch. The state does not depend on ``R``, so a run may resume on a different number
-of processes.
-
-The sampler can only count batches *handed out*: a ``DataLoader`` with workers prefetches batches, and
-accelerate's prepared loader reads one batch ahead, so ``state_dict()`` can be ahead of the training
-loop. Trainers that count their own steps should save ``(epoch, steps_done_in_epoch)`` and resume with
-``set_resume_point(epoch, steps_done_in_epoch)``. accelerate's prepared loader calls
-``set_epoch(its own epoch counter)`` when iteration starts (single process): after resuming, call
-``prepared_loader.set_epoch(resume_epoch)`` so that call does not move the sampler back to epoch 0
-(the sampler warns when a loaded resume point is discarded that way). Use this instead of
-``accelerator.skip_first_batches``, which would skip the batches a second time.
+Pass :class:`ClassBalancedBatchSampler` as ``batch_sampler=`` to a ``DataLoader``. docs/training.md
+("Class-balanced batches") says how an epoch is built, how it shards over processes with accelerate, and how it
+resumes exactly.
 """
 
 from __future__ import annotations

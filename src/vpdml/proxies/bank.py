@@ -78,6 +78,7 @@ class ProxyBank(HostResident):
         semantic_init: str = "random",
         unseen: str = "semantic",
         proxy_head_init: str = "random",
+        proxy_pass_every: int = 1,
     ) -> None:
         super().__init__()
         if offload and negatives is None:
@@ -93,6 +94,7 @@ class ProxyBank(HostResident):
         self.semantic_init = semantic_init
         self.unseen = unseen
         self.proxy_head_init = proxy_head_init
+        self.proxy_pass_every = proxy_pass_every
         self.learnable = nn.Parameter(
             init_learnable_proxies(torch.empty(num_classes, embedding_dim), learnable_init)
         )
@@ -131,6 +133,20 @@ class ProxyBank(HostResident):
         # which classes' state P_c holds information (an update, or an initialisation from data) rather than its
         # random start; saved with the training state
         self.register_buffer("semantic_seen", torch.zeros(num_classes, dtype=torch.bool))
+        if proxy_pass_every > 1:
+            # training forward passes so far: the proxy pass runs when it is a multiple of proxy_pass_every (saved
+            # with the state, so a resumed run keeps the rhythm)
+            self.register_buffer("proxy_pass_clock", torch.zeros((), dtype=torch.long))
+
+    def proxy_pass_due(self) -> bool:
+        """Whether this forward pass runs the proxy pass (every ``proxy_pass_every``-th training pass; always in
+        eval mode); advances the clock in training mode."""
+        if self.proxy_pass_every == 1:
+            return True
+        tick = int(self.proxy_pass_clock)
+        if self.training:
+            self.proxy_pass_clock += 1
+        return not self.training or tick % self.proxy_pass_every == 0
 
     @property
     def needs_data_init(self) -> bool:

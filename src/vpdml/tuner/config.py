@@ -126,6 +126,12 @@ class VisualPromptDMLConfig(PeftConfig):
             "help": "Images per class re-encoded in the proxy pass (None = every batch image, as in the paper)."
         },
     )
+    proxy_pass_every: int = field(
+        default=1,
+        metadata={
+            "help": "Run the proxy pass on every k-th training step only (1 = every step, as in the paper)."
+        },
+    )
     fuse_proxy_pass: bool = field(
         default=True,
         metadata={
@@ -260,6 +266,7 @@ class VisualPromptDMLConfig(PeftConfig):
                 "cover every row, so it cannot stay in host memory)."
             )
         _check_optional_int(self, "semantic_images_per_class", minimum=1)
+        _check_int(self, "proxy_pass_every", minimum=1)
         if not isinstance(self.fuse_proxy_pass, bool):
             raise _field_error(self, "fuse_proxy_pass", "True or False")
         _check_range(self, "proxy_keep_ratio", 0.0, 1.0, include_high=False)

@@ -141,6 +141,7 @@ class VisualPromptDMLModel(BaseTuner):
                 semantic_init=config.semantic_proxy_init,
                 unseen=config.unseen_semantic_proxies,
                 proxy_head_init=config.proxy_head_init,
+                proxy_pass_every=config.proxy_pass_every,
             ).to(device)  # offloaded tables and proxies ignore this move and stay in host memory
 
     # --------------------------------------------------------------------------------- prompt and bias routing
@@ -275,14 +276,15 @@ class VisualPromptDMLModel(BaseTuner):
         With semantic proxies, a second backbone pass gives each image its class's prompts; the proxy head turns
         the result into semantic vectors that update the per-class state (in training mode). When the class
         prompts have the shared prompts' per-layer counts (and ``fuse_proxy_pass``), both passes run as one
-        backbone pass over the concatenated batch.
+        backbone pass over the concatenated batch. With ``proxy_pass_every=k`` the proxy pass runs on every k-th
+        training step only; the other steps score against the stored semantic state.
         """
         adapter = self.resolve_adapter(adapter_name)
         config = self.peft_config[adapter]
         bank = self._proxy_bank(adapter)
         labels = self._check_labels(labels, pixel_values, bank.num_classes)
         # record_function scopes name the phases in torch.profiler traces (bench/profile_step.py); free otherwise
-        if not bank.uses_semantic_proxies:
+        if not bank.uses_semantic_proxies or not bank.proxy_pass_due():
             with record_function("vpdml.sample_pass"):
                 return DMLForwardOutput(self.embed(pixel_values, adapter_name=adapter))
         chosen = _first_per_class(labels, config.semantic_images_per_class)
