@@ -1,4 +1,5 @@
-"""The ``vpdml`` command line: ``train``, ``evaluate``, ``embed``, ``index build``, ``search``, ``app`` and ``demo``.
+"""The ``vpdml`` command line: ``train``, ``evaluate``, ``embed``, ``index build``, ``search``, ``app``, ``push``
+and ``demo``.
 
 Examples::
 
@@ -9,6 +10,7 @@ Examples::
     vpdml index build --adapter runs/cub --images ./photos --out photos.index
     vpdml search --index photos.index query.jpg -k 10
     vpdml app --index photos=photos.index            # a Gradio demo app (pip install "vpdml[app]")
+    vpdml push runs/cub --repo me/vit-b16-cub-vptsp  # a finished run to the Hub
     vpdml demo
 
 Every :class:`vpdml.training.TrainingArguments` field and the adapter options of
@@ -25,6 +27,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
+from vpdml.cli.release import add_push_arguments, run_push
 from vpdml.cli.retrieval import (
     add_app_arguments,
     add_embed_arguments,
@@ -116,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
             "docs/retrieval.md.",
         )
     )
+    add_push_arguments(
+        commands.add_parser(
+            "push",
+            help="upload a finished run (adapter, card, metrics, plots) to the Hugging Face Hub",
+            description="Upload a finished adapter run to a Hub repository: the adapter, model card, metrics.json, "
+            "preprocessor_config.json if present, and the PNG plots; never checkpoints. Refuses a file that holds "
+            "the token, and full fine-tuning runs.",
+        )
+    )
     commands.add_parser(
         "demo",
         help="offline end-to-end demo (built-in backbone and emoji benchmark); `vpdml demo --help` for options",
@@ -147,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "index": run_index,
         "search": run_search,
         "app": run_app,
+        "push": run_push,
     }
     try:
         handlers[namespace.command](namespace)
