@@ -1,5 +1,5 @@
-"""The ``vpdml`` command line: ``train``, ``evaluate``, ``embed``, ``index build``, ``search``, ``app``, ``push``
-and ``demo``.
+"""The ``vpdml`` command line: ``train``, ``evaluate``, ``embed``, ``index build``, ``search``, ``app``, ``push``,
+``export`` and ``demo``.
 
 Examples::
 
@@ -11,6 +11,7 @@ Examples::
     vpdml search --index photos.index query.jpg -k 10
     vpdml app --index photos=photos.index            # a Gradio demo app (pip install "vpdml[app]")
     vpdml push runs/cub --repo me/vit-b16-cub-vptsp  # a finished run to the Hub
+    vpdml export runs/cub --onnx cub.onnx            # one ONNX graph + cub.json (preprocessing)
     vpdml demo
 
 Every :class:`vpdml.training.TrainingArguments` field and the adapter options of
@@ -27,7 +28,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-from vpdml.cli.release import add_push_arguments, run_push
+from vpdml.cli.release import add_export_arguments, add_push_arguments, run_export, run_push
 from vpdml.cli.retrieval import (
     add_app_arguments,
     add_embed_arguments,
@@ -128,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
             "the token, and full fine-tuning runs.",
         )
     )
+    add_export_arguments(
+        commands.add_parser(
+            "export",
+            help="export a trained model as one ONNX graph (pixel_values -> embeddings), served without PEFT",
+            description="Write one ONNX graph (backbone, prompts, BitFit and head; fixed image size, dynamic batch) "
+            "with input `pixel_values` (B x 3 x S x S, normalised) and output `embeddings` (B x E, L2-normalised), "
+            "check it against PyTorch with onnxruntime, and write the preprocessing next to it (out.json). See "
+            "docs/retrieval.md, 'Serving without PEFT'.",
+        )
+    )
     commands.add_parser(
         "demo",
         help="offline end-to-end demo (built-in backbone and emoji benchmark); `vpdml demo --help` for options",
@@ -160,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "search": run_search,
         "app": run_app,
         "push": run_push,
+        "export": run_export,
     }
     try:
         handlers[namespace.command](namespace)

@@ -1,8 +1,11 @@
-"""``vpdml push``: a finished run to the Hub."""
+"""``vpdml push`` (a finished run to the Hub) and ``vpdml export`` (one ONNX graph, served without PEFT)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+from pathlib import Path
+from typing import Any
 
 # --------------------------------------------------------------------------------------------------
 # push
@@ -45,3 +48,51 @@ def run_push(namespace: argparse.Namespace) -> str:
     )
     print(f"Uploaded {namespace.run_dir} to {url}")
     return url
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------
+
+ONNX_INSTALL_HINT = 'vpdml export needs onnx and onnxruntime: pip install "vpdml[onnx]".'
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="A `vpdml train` output folder (adapter, LoRA or full fine-tuning), an adapter folder or a Hub repo id.",
+    )
+    parser.add_argument(
+        "--onnx",
+        required=True,
+        help="ONNX file to write; the preprocessing goes next to it (out.onnx -> out.json).",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="The graph's fixed input size S (default: the size the run was trained at, from its metrics.json).",
+    )
+    parser.add_argument("--backbone", help="Backbone to load the adapter onto (default: its base model).")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17).")
+    return parser
+
+
+def run_export(namespace: argparse.Namespace) -> Any:
+    """Write the ONNX graph and its preprocessing file, checked against PyTorch; print what was written."""
+    if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):
+        raise ValueError(ONNX_INSTALL_HINT)
+    from vpdml.retrieval.export import export_run
+
+    result = export_run(
+        namespace.run_dir,
+        Path(namespace.onnx),
+        image_size=namespace.image_size,
+        backbone=namespace.backbone,
+        opset=namespace.opset,
+    )
+    print(
+        f"Wrote {result.onnx_path} (pixel_values B x 3 x {result.image_size} x {result.image_size} -> embeddings B x "
+        f"{result.embedding_dim}; max |ONNX - PyTorch| = {result.max_abs_diff:.2e}) and {result.preprocessing_path}"
+    )
+    return result
