@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCardData, snapshot_download
+from huggingface_hub import EvalResult, HfApi, ModelCardData, get_token, snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -31,8 +31,13 @@ ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_FILE_PATTERNS = [ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHTS_NAMES]
 """What is needed to load an adapter: the only files :func:`resolve_adapter_path` downloads."""
 
-UPLOAD_ALLOW_PATTERNS = [*ADAPTER_FILE_PATTERNS, "README.md", "metrics.json", "*.png"]
+PREPROCESSING_FILE = "preprocessor_config.json"
+"""The image-processor settings, when a run folder holds them (transformers' file name)."""
+
+UPLOAD_ALLOW_PATTERNS = [*ADAPTER_FILE_PATTERNS, "README.md", "metrics.json", PREPROCESSING_FILE, "*.png"]
 """Files :func:`push_adapter_to_hub` uploads (Hub patterns are fnmatch-style: ``*`` crosses ``/``)."""
+
+_UPLOADED_TEXT_FILES = ("README.md", "metrics.json", ADAPTER_CONFIG_NAME, PREPROCESSING_FILE)
 
 UPLOAD_IGNORE_PATTERNS = ["checkpoint*/**", "**/checkpoint*/**"]
 """Training checkpoints may hold their own adapter files and plots; they are not part of the release."""
@@ -401,8 +406,10 @@ def push_adapter_to_hub(
     """Upload an adapter folder to the Hub and return the repository URL.
 
     Creates the repo if needed (and the branch ``revision``), then uploads in one commit the adapter
-    files, ``README.md``, ``metrics.json`` and PNG plots (:data:`UPLOAD_ALLOW_PATTERNS`), leaving out
-    training checkpoints (:data:`UPLOAD_IGNORE_PATTERNS`), optimizer state and logs.
+    files, ``README.md``, ``metrics.json``, ``preprocessor_config.json`` and PNG plots
+    (:data:`UPLOAD_ALLOW_PATTERNS`), leaving out training checkpoints (:data:`UPLOAD_IGNORE_PATTERNS`),
+    optimizer state and logs. Refuses to upload when a text file holds the token (the one given, else
+    ``HF_TOKEN`` or the saved login).
 
     Args:
         output_dir: Folder written by ``save_pretrained`` (+ :func:`write_model_card`).
@@ -414,8 +421,9 @@ def push_adapter_to_hub(
     """
     output_dir = Path(output_dir)
     _require_adapter_files(output_dir)
-    if token:
-        _refuse_if_token_in_files(output_dir, token)
+    effective_token = token or get_token()
+    if effective_token:
+        _refuse_if_token_in_files(output_dir, effective_token)
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None:
@@ -432,9 +440,22 @@ def push_adapter_to_hub(
     return str(repo_url)
 
 
+def fill_card_repo_id(readme: str | Path, repo_id: str) -> bool:
+    """Put ``repo_id`` into a card written without one (its usage snippet names a placeholder repo).
+
+    Returns whether the card changed; a card that already names a repo is left alone.
+    """
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    if _REPO_ID_PLACEHOLDER not in text:
+        return False
+    readme.write_text(text.replace(_REPO_ID_PLACEHOLDER, repo_id), encoding="utf-8")
+    return True
+
+
 def _refuse_if_token_in_files(output_dir: Path, token: str) -> None:
     """Last check before publishing: no uploaded text file may contain the token."""
-    for name in ("README.md", "metrics.json", ADAPTER_CONFIG_NAME):
+    for name in _UPLOADED_TEXT_FILES:
         path = output_dir / name
         if path.is_file() and token in path.read_text(encoding="utf-8", errors="ignore"):
             # The message names the file, never the token.

@@ -1,4 +1,5 @@
-"""The ``vpdml`` command line: ``train``, ``evaluate``, ``embed``, ``index build``, ``search``, ``app`` and ``demo``.
+"""The ``vpdml`` command line: ``train``, ``evaluate``, ``embed``, ``index build``, ``search``, ``app``, ``push``,
+``export`` and ``demo``.
 
 Examples::
 
@@ -9,6 +10,8 @@ Examples::
     vpdml index build --adapter runs/cub --images ./photos --out photos.index
     vpdml search --index photos.index query.jpg -k 10
     vpdml app --index photos=photos.index            # a Gradio demo app (pip install "vpdml[app]")
+    vpdml push runs/cub --repo me/vit-b16-cub-vptsp  # a finished run to the Hub
+    vpdml export runs/cub --onnx cub.onnx            # one ONNX graph + cub.json (preprocessing)
     vpdml demo
 
 Every :class:`vpdml.training.TrainingArguments` field and the adapter options of
@@ -25,6 +28,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
+from vpdml.cli.release import add_export_arguments, add_push_arguments, run_export, run_push
 from vpdml.cli.retrieval import (
     add_app_arguments,
     add_embed_arguments,
@@ -116,6 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
             "docs/retrieval.md.",
         )
     )
+    add_push_arguments(
+        commands.add_parser(
+            "push",
+            help="upload a finished run (adapter, card, metrics, plots) to the Hugging Face Hub",
+            description="Upload a finished adapter run to a Hub repository: the adapter, model card, metrics.json, "
+            "preprocessor_config.json if present, and the PNG plots; never checkpoints. Refuses a file that holds "
+            "the token, and full fine-tuning runs.",
+        )
+    )
+    add_export_arguments(
+        commands.add_parser(
+            "export",
+            help="export a trained model as one ONNX graph (pixel_values -> embeddings), served without PEFT",
+            description="Write one ONNX graph (backbone, prompts, BitFit and head; fixed image size, dynamic batch) "
+            "with input `pixel_values` (B x 3 x S x S, normalised) and output `embeddings` (B x E, L2-normalised), "
+            "check it against PyTorch with onnxruntime, and write the preprocessing next to it (out.json). See "
+            "docs/retrieval.md, 'Serving without PEFT'.",
+        )
+    )
     commands.add_parser(
         "demo",
         help="offline end-to-end demo (built-in backbone and emoji benchmark); `vpdml demo --help` for options",
@@ -147,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "index": run_index,
         "search": run_search,
         "app": run_app,
+        "push": run_push,
+        "export": run_export,
     }
     try:
         handlers[namespace.command](namespace)

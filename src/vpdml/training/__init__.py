@@ -12,6 +12,7 @@ from vpdml.training.args import METHODS, RECIPES, Recipe, TrainingArguments
 from vpdml.training.factory import build_model, describe_method, load_splits
 from vpdml.training.head_warmup import warm_up_head
 from vpdml.training.optim import create_optimizer, parameter_groups
+from vpdml.training.outputs import push_run_folder
 from vpdml.training.trainer import NonFiniteLossError, TrainerState, TrainResult, train
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "load_image_processor",
     "load_splits",
     "parameter_groups",
+    "push_run_folder",
     "train",
     "warm_up_head",
 ]

@@ -16,6 +16,7 @@ from vpdml.atomic_io import atomic_write_json
 from vpdml.data import (
     EvalSets,
 )
+from vpdml.models.full_finetune import saved_model_kind
 from vpdml.models.protocol import DMLModel, as_dml_model
 from vpdml.plots import plot_retrieval_grid, plot_training_curves
 from vpdml.retrieval.evaluate import (
@@ -24,12 +25,13 @@ from vpdml.retrieval.evaluate import (
 )
 from vpdml.retrieval.knn import nearest_neighbors
 from vpdml.training.args import TrainingArguments
-from vpdml.training.checkpoints import save_model_weights
+from vpdml.training.checkpoints import CHECKPOINTS_DIRNAME, save_model_weights
 from vpdml.version import __version__
 
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "training_curves.png"
 GRID_FILE = "retrieval_grid.png"
+CARD_FILE = "README.md"
 
 
 def json_ready(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,4 +159,66 @@ def push_run(output_dir: Path, args: TrainingArguments, files: Mapping[str, Path
     # through the module, so that a test (or a user) can replace the upload
     return hub.push_adapter_to_hub(
         output_dir, args.push_to_hub, token=args.hub_token, private=args.hub_private
+    )
+
+
+def missing_run_files(run_dir: str | Path) -> list[str]:
+    """What a finished adapter run writes that ``run_dir`` lacks: adapter config and weights, card, metrics."""
+    run_dir = Path(run_dir)
+    missing = [name for name in (hub.ADAPTER_CONFIG_NAME,) if not (run_dir / name).is_file()]
+    if not any((run_dir / name).is_file() for name in hub.ADAPTER_WEIGHTS_NAMES):
+        missing.append(hub.ADAPTER_WEIGHTS_NAMES[0])
+    missing += [name for name in (CARD_FILE, METRICS_FILE) if not (run_dir / name).is_file()]
+    return missing
+
+
+def push_run_folder(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+) -> str:
+    """Upload a finished adapter run (``vpdml push``) and return the repository URL.
+
+    The upload is :func:`vpdml.hub.push_adapter_to_hub`'s (release files only, never checkpoints, refused when a
+    file holds the token). A card written without a repo id gets ``repo_id`` in its usage snippet first.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a folder, or not a finished run (the message names what is missing).
+        ValueError: a full fine-tuning or LoRA run (not a vpdml adapter), or a file holding the token.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"{run_dir} is not a folder: pass the --output-dir of a finished `vpdml train` run."
+        )
+    kind = saved_model_kind(run_dir)
+    if kind == "full-finetune":
+        raise ValueError(
+            f"{run_dir} is a full fine-tuning run: it saves the whole backbone, not an adapter, and vpdml push "
+            "uploads vpdml adapters. Share it with huggingface_hub's upload_folder if you mean to publish the model."
+        )
+    if kind is not None:
+        raise ValueError(
+            f"{run_dir} is a {kind} run (PEFT {kind} weights plus vpdml's head in separate files): vpdml push uploads "
+            "vpdml adapters only."
+        )
+    missing = missing_run_files(run_dir)
+    if missing:
+        hint = ""
+        if (run_dir / CHECKPOINTS_DIRNAME).is_dir():
+            hint = " It holds checkpoints: finish the run (vpdml train ... --resume-from-checkpoint latest) first."
+        raise FileNotFoundError(
+            f"{run_dir} is not a finished vpdml run: it lacks {', '.join(missing)}.{hint}"
+        )
+    hub.fill_card_repo_id(run_dir / CARD_FILE, repo_id)
+    return hub.push_adapter_to_hub(
+        run_dir,
+        repo_id,
+        token=token,
+        private=private,
+        revision=revision,
+        commit_message=f"Upload vpdml run {run_dir.resolve().name}",
     )
