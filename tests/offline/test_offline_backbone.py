@@ -213,3 +213,28 @@ def test_layer_scale_folding_is_exact(tmp_path: Path) -> None:
         expected = dinov2(pixels).last_hidden_state
         actual = vit.eval()(pixels, interpolate_pos_encoding=True).last_hidden_state
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_portable_names_and_legacy_cache_folders_name_the_same_flavour(tmp_path: Path) -> None:
+    from vpdml.modules.loading import offline_spec, portable_backbone_name
+    from vpdml.offline import offline_backbone_name, parse_offline_backbone_name
+
+    assert offline_backbone_name() == "vpdml/offline-dinov2-vits14"
+    assert offline_backbone_name(num_layers=11) == "vpdml/offline-dinov2-vits14-11-blocks"
+    assert offline_backbone_name(as_dinov2=True, num_layers=12) == "vpdml/offline-dinov2-vits14-dinov2model"
+    for as_dinov2, num_layers in [(False, None), (False, 11), (True, None), (True, 3)]:
+        name = offline_backbone_name(as_dinov2=as_dinov2, num_layers=num_layers)
+        folder = backbone.offline_backbone_dir(tmp_path, as_dinov2=as_dinov2, num_layers=num_layers)
+        expected = {"as_dinov2": as_dinov2, "num_layers": num_layers}
+        assert parse_offline_backbone_name(name) == parse_offline_backbone_name(str(folder)) == expected
+        assert portable_backbone_name(str(folder)) == name  # an adapter saved before the portable name
+    assert offline_spec("offline") == {"as_dinov2": False, "num_layers": 11}
+    assert portable_backbone_name("offline") == "vpdml/offline-dinov2-vits14-11-blocks"
+    for other in (
+        "google/vit-base-patch16-224",
+        str(tmp_path / "vit-11-blocks"),
+        "vpdml/offline-dinov2-vits14x",
+    ):
+        assert parse_offline_backbone_name(other) is None and portable_backbone_name(other) == other
+    snapshot = tmp_path / "hub" / "models--google--vit-base" / "snapshots" / ("0" * 40)
+    assert portable_backbone_name(str(snapshot)) == "google/vit-base"

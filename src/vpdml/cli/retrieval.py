@@ -46,14 +46,14 @@ def run_embed(namespace: argparse.Namespace) -> Path:
     from vpdml.atomic_io import atomic_save_safetensors
     from vpdml.data.folders import hub_image_dataset, image_folder_dataset
     from vpdml.retrieval.embed import embed_dataset
-    from vpdml.retrieval.pretrained import eval_transform_for, load_trained_model, trained_image_size
+    from vpdml.retrieval.embedder import ImageEmbedder
 
     out = Path(namespace.out)
     if out.suffix not in (".safetensors", ".npz"):
         raise ValueError(f"--out must end in .safetensors or .npz, got {out.name!r}.")
-    model, backbone_name = load_trained_model(namespace.adapter, namespace.backbone)
-    image_size = namespace.image_size or trained_image_size(namespace.adapter)
-    transform = eval_transform_for(model, backbone_name, image_size)
+    embedder = ImageEmbedder.from_pretrained(
+        namespace.adapter, backbone=namespace.backbone, image_size=namespace.image_size
+    )
     source = Path(namespace.images)
     if source.is_dir():
         dataset, paths = image_folder_dataset(source)
@@ -61,8 +61,12 @@ def run_embed(namespace: argparse.Namespace) -> Path:
         dataset, paths = hub_image_dataset(
             namespace.images, namespace.split, namespace.image_column, namespace.label_column
         )
-    embeddings, labels = embed_dataset(
-        model, dataset, transform, batch_size=namespace.batch_size, zero_shot=namespace.zero_shot
+    embeddings, labels = embed_dataset(  # through a DataLoader, with the labels, and --zero-shot
+        embedder.model,
+        dataset,
+        embedder.transform(),
+        batch_size=namespace.batch_size,
+        zero_shot=namespace.zero_shot,
     )
     if out.suffix == ".safetensors":
         metadata = {
@@ -142,11 +146,11 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def run_index(namespace: argparse.Namespace) -> Path:
     """``vpdml index build``: embed images into an index folder."""
     from vpdml.data.folders import hub_image_dataset
+    from vpdml.retrieval.embedder import ImageEmbedder
     from vpdml.retrieval.index import GalleryIndex
-    from vpdml.retrieval.pretrained import load_for_index
 
-    model, transform, identity, info = load_for_index(
-        namespace.adapter, namespace.backbone, namespace.image_size
+    embedder = ImageEmbedder.from_pretrained(
+        namespace.adapter, backbone=namespace.backbone, image_size=namespace.image_size
     )
     source = Path(namespace.images)
     if source.is_dir():
@@ -154,21 +158,26 @@ def run_index(namespace: argparse.Namespace) -> Path:
     else:
         images, _ = hub_image_dataset(namespace.images, namespace.split, namespace.image_column, "label")
     index = GalleryIndex.build(
-        model, images, transform, batch_size=namespace.batch_size, adapter_identity=identity
+        embedder.model,
+        images,
+        embedder.transform(),
+        batch_size=namespace.batch_size,
+        adapter_identity=embedder.identity(),
     )
     if not source.is_dir():
         index.info["images"] = f"{namespace.images}/{namespace.split}"
-    index.info.update(info)
+    index.info.update(embedder.info())
     out = index.save(namespace.out)
-    print(f"Indexed {len(index)} images ({index.dim}-d embeddings, {identity.describe()}) in {out}")
+    print(
+        f"Indexed {len(index)} images ({index.dim}-d embeddings, {embedder.identity().describe()}) in {out}"
+    )
     return out
 
 
 def run_search(namespace: argparse.Namespace) -> list[list[tuple[float, str]]]:
     """``vpdml search``: print the ``-k`` nearest gallery images of each query image."""
-    from vpdml.data.folders import open_query_image
-    from vpdml.retrieval.index import GalleryIndex, embed_queries
-    from vpdml.retrieval.pretrained import load_index_model
+    from vpdml.retrieval.embedder import ImageEmbedder
+    from vpdml.retrieval.index import GalleryIndex, QueryEmbeddings
 
     backend = getattr(namespace, "backend", "exact")
     if backend != "exact" and importlib.util.find_spec("faiss") is None:
@@ -176,17 +185,18 @@ def run_search(namespace: argparse.Namespace) -> list[list[tuple[float, str]]]:
             f"--backend {backend} needs FAISS: `pip install vpdml[faiss]`, or use --backend exact."
         )
     index = GalleryIndex.load(namespace.index)
-    model, transform, identity, _ = load_index_model(
-        index, namespace.adapter, namespace.backbone, namespace.image_size, where=namespace.index
+    embedder = ImageEmbedder.for_index(
+        index,
+        namespace.adapter,
+        backbone=namespace.backbone,
+        image_size=namespace.image_size,
+        where=namespace.index,
     )
     missing = [path for path in namespace.queries if not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(f"No such query image(s): {', '.join(missing)}")
-    images = [open_query_image(path) for path in namespace.queries]
-    queries = embed_queries(
-        model, images, transform, batch_size=namespace.batch_size, adapter_identity=identity
-    )
-    scores, ids = index.search(queries, namespace.k, backend=backend)
+    embeddings = embedder.encode(namespace.queries, batch_size=namespace.batch_size, convert_to="torch")
+    scores, ids = index.search(QueryEmbeddings(embeddings, embedder.identity()), namespace.k, backend=backend)
     results = []
     for query, row_scores, row_ids in zip(namespace.queries, scores.tolist(), ids, strict=True):
         print(f"\nquery: {query}\n\n| rank | score | image |\n|---:|---:|---|")

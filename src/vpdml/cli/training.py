@@ -299,14 +299,15 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def run_evaluate(namespace: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Score an adapter on a benchmark split and print the Recall@K / MAP@R / R-Precision table."""
+    from vpdml.retrieval.embedder import ImageEmbedder
     from vpdml.retrieval.evaluate import evaluate_splits
     from vpdml.retrieval.metrics import format_metrics_table
-    from vpdml.retrieval.pretrained import eval_transform_for, load_trained_model, trained_image_size
     from vpdml.training.factory import load_splits
 
-    model, backbone_name = load_trained_model(namespace.adapter, namespace.backbone)
-    image_size = namespace.image_size or trained_image_size(namespace.adapter)
-    transform = eval_transform_for(model, backbone_name, image_size)
+    embedder = ImageEmbedder.from_pretrained(
+        namespace.adapter, backbone=namespace.backbone, image_size=namespace.image_size
+    )
+    model, transform = embedder.model, embedder.transform()
     splits = load_splits(namespace.dataset, namespace.data_dir, namespace.validation_classes, namespace.seed)
     names = ["validation", "test"] if namespace.split == "all" else [namespace.split]
     if namespace.split == "all" and splits.validation is None:

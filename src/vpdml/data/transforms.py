@@ -142,10 +142,11 @@ def random_resized_crop_box(
 
 
 def center_crop_box(width: int, height: int, size: int) -> CropBox:
-    """The ``size x size`` box in the middle of the image (torchvision's rounding)."""
+    """The ``size x size`` box in the middle of the image, offsets rounded down as transformers' image processors
+    do (so a saved ``preprocessor_config.json`` reproduces it; torchvision rounds half to even instead)."""
     if width < size or height < size:
         raise ValueError(f"Cannot center-crop {size}x{size} from a {width}x{height} image; resize it first.")
-    return CropBox(round((height - size) / 2), round((width - size) / 2), size, size)
+    return CropBox((height - size) // 2, (width - size) // 2, size, size)
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:

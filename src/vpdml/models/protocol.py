@@ -176,7 +176,9 @@ class PeftDMLModel(DMLModel):
         return name if config.bitfit else f"{name} (no BitFit)"
 
     def save(self, directory: Path, *, with_training_state: bool = True) -> None:
-        self.module.save_pretrained(directory)
+        # A ViT adapter holds no embedding layers; False also spares PEFT's Hub lookup of the base model's config
+        # (a request per checkpoint for a Hub id or the offline backbone's portable name).
+        self.module.save_pretrained(directory, save_embedding_layers=False)
         if with_training_state:
             save_training_state(self.module, directory)
 
@@ -204,7 +206,7 @@ class PeftDMLModel(DMLModel):
         adapter = adapter_name or self.module.active_adapter
         if adapter not in self.module.peft_config:
             raise ValueError(f"Unknown adapter {adapter!r} (adapters: {sorted(self.module.peft_config)}).")
-        tensors = get_peft_model_state_dict(self.module, adapter_name=adapter)
+        tensors = get_peft_model_state_dict(self.module, adapter_name=adapter, save_embedding_layers=False)
         return tensors, self.module.peft_config[adapter].to_dict()
 
 

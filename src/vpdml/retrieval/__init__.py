@@ -1,6 +1,7 @@
 """Retrieval: embedding datasets, exact k-NN, retrieval metrics, gallery indexes and loading trained models."""
 
 from vpdml.retrieval.embed import embed_dataset
+from vpdml.retrieval.embedder import ImageEmbedder
 from vpdml.retrieval.evaluate import evaluate_splits
 from vpdml.retrieval.identity import AdapterIdentity, AdapterMismatchError
 from vpdml.retrieval.index import GalleryIndex, embed_queries
@@ -11,6 +12,7 @@ __all__ = [
     "AdapterIdentity",
     "AdapterMismatchError",
     "GalleryIndex",
+    "ImageEmbedder",
     "embed_dataset",
     "embed_queries",
     "evaluate_splits",

@@ -175,6 +175,12 @@ class TrainingArguments:
         metadata={"help": "Hub token (default: the stored login / HF_TOKEN). Never written."},
     )
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    hub_license: str | None = field(
+        default=None,
+        metadata={
+            "help": "License id for the model card's metadata, e.g. apache-2.0 (default: none stated)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.output_dir = os.fspath(self.output_dir)  # a Path is welcome; JSON files get a string

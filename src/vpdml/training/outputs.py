@@ -13,11 +13,11 @@ from torch import nn
 
 from vpdml import hub
 from vpdml.atomic_io import atomic_write_json
-from vpdml.data import (
-    EvalSets,
-)
+from vpdml.data import EvalSets, EvalTransform
+from vpdml.data.processor_config import write_processor_config
 from vpdml.models.full_finetune import saved_model_kind
 from vpdml.models.protocol import DMLModel, as_dml_model
+from vpdml.modules.loading import offline_spec, portable_backbone_name
 from vpdml.plots import plot_retrieval_grid, plot_training_curves
 from vpdml.retrieval.evaluate import (
     SplitEmbeddings,
@@ -94,12 +94,17 @@ def write_run_outputs(
     metrics: dict[str, dict[str, dict[str, float]]],
     final: Mapping[str, SplitEmbeddings],
     eval_sets: Mapping[str, EvalSets],
+    eval_transform: EvalTransform | None = None,
 ) -> dict[str, Path]:
-    """Save the selected weights and write metrics.json, the plots and (adapters) the model card into ``out``."""
+    """Save the selected weights and write metrics.json, preprocessor_config.json (the eval transform), the plots
+    and (adapters) the model card into ``out``."""
     dml = as_dml_model(model)
     out.mkdir(parents=True, exist_ok=True)
+    make_base_model_portable(model)
     save_model_weights(model, out, with_training_state=args.keep_training_state)
     files = {"adapter": out}
+    if eval_transform is not None:
+        files["preprocessor_config"] = write_processor_config(eval_transform, out)
     summary = {
         "dataset": dataset,
         "method": dml.describe(),
@@ -126,6 +131,20 @@ def write_run_outputs(
     return files
 
 
+def make_base_model_portable(model: nn.Module) -> None:
+    """Name the base model in the saved adapter config(s) the way other machines can load it.
+
+    The offline backbone's cache folder becomes its portable name and a Hub cache snapshot its repo id
+    (:func:`vpdml.modules.loading.portable_backbone_name`); other local folders stay as they are.
+    """
+    configs = [*getattr(model, "peft_config", {}).values()]
+    if hasattr(model, "lora_config"):
+        configs.append(model.lora_config)
+    for config in configs:
+        if config.base_model_name_or_path:
+            config.base_model_name_or_path = portable_backbone_name(config.base_model_name_or_path)
+
+
 def _write_card(
     dml: DMLModel,
     out: Path,
@@ -133,20 +152,25 @@ def _write_card(
     dataset: str,
     trained: Mapping[str, Mapping[str, float]],
 ) -> Path:
-    config = dml.config
+    saved_config = json.loads(
+        (out / hub.ADAPTER_CONFIG_NAME).read_text()
+    )  # what ships, inference_mode and all
+    base_model = saved_config.get("base_model_name_or_path") or ""
     counts = dml.module.parameter_counts()
     return hub.write_model_card(
         out,
-        base_model=config.base_model_name_or_path or "a custom backbone",
+        base_model=base_model,
+        base_model_on_hub=bool(base_model) and offline_spec(base_model) is None,
         dataset=dataset,
         method=dml.describe(),
-        peft_config=json_ready(config.to_dict()),
+        peft_config=saved_config,
         trainable_parameters=counts["trainable_total"],
         total_backbone_parameters=counts["backbone"],
         metrics={split: dict(values) for split, values in trained.items()},
         training_args=args.to_dict(),
         library_version=__version__,
         repo_id=args.push_to_hub,
+        license=args.hub_license,
     )
 
 

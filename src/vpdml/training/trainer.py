@@ -516,6 +516,7 @@ class _Trainer:
                 metrics=metrics,
                 final=final,
                 eval_sets=self.eval_sets,
+                eval_transform=self.eval_transform,
             )
             if args.push_to_hub:
                 hub_url = push_run(self.output_dir, args, files)
