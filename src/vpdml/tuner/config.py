@@ -173,7 +173,7 @@ class VisualPromptDMLConfig(PeftConfig):
         },
     )
     unseen_semantic_proxies: UnseenSemanticProxies = field(
-        default="semantic",
+        default="learnable",
         metadata={
             "help": "Proxy of a class whose P_c is still random: the mix ('semantic') or O alone ('learnable')."
         },
