@@ -192,6 +192,8 @@ def run_one(
     method: str, seed: int, budget: Budget, options: dict[str, Any] | None = None, label: str | None = None
 ) -> dict[str, Any]:
     """Train and evaluate one (method + config ``options``, seed); runs inside a worker subprocess."""
+    import torch
+
     from vpdml.training import TrainingArguments, build_model, train
 
     backbone, splits, processor = _smoke_data(budget) if budget.smoke else _offline_data(budget)
@@ -206,6 +208,7 @@ def run_one(
         if budget.proxy_mix_alpha is not None:
             overrides["proxy_mix_alpha"] = budget.proxy_mix_alpha
     overrides.update(options or {})
+    torch.manual_seed(seed)  # the initialisation (after the backbone load, which draws from the generator)
     model = build_model(backbone, method, splits.num_train_classes, **overrides)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if method == "full-finetune":
@@ -457,7 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.table:
         runs = [run for path in args.table for run in json.loads(Path(path).read_text())]
-        print(format_table(runs) + "\n\n" + paired_differences(runs, args.reference))
+        print(format_table(runs))
+        for metric in ("recall@1", "map@r"):
+            print("\n" + paired_differences(runs, args.reference, metric))
         return
     if args.worker:
         job = json.loads(args.worker)
@@ -503,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.json).write_text(json.dumps(runs, indent=2))
     print(format_table(runs))
     if any(run["method"] == args.reference for run in runs):
-        print("\n" + paired_differences(runs, args.reference))
+        for metric in ("recall@1", "map@r"):
+            print("\n" + paired_differences(runs, args.reference, metric))
     print(f"\ntotal time: {(time.perf_counter() - started) / 60:.1f} min")
 
 

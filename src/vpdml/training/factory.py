@@ -11,7 +11,7 @@ from vpdml.data import load_dml_dataset
 from vpdml.models.full_finetune import FullFineTuningDML
 from vpdml.models.lora import LoRADML
 from vpdml.models.protocol import as_dml_model
-from vpdml.offline import emoji_splits
+from vpdml.offline import emoji_splits, icon_splits
 from vpdml.training.args import METHODS
 from vpdml.tuner.config import METHOD_PRESETS, VisualPromptDMLConfig
 
@@ -74,11 +74,10 @@ def describe_method(model: nn.Module) -> str:
 
 
 def load_splits(dataset: str, data_dir: str | None, validation_classes: int | float, seed: int) -> Any:
-    """DMLSplits of a named benchmark, an image folder, a Hub dataset, or the offline ``emoji`` benchmark."""
-    if dataset == "emoji":
+    """DMLSplits of a named benchmark, an image folder, a Hub dataset, or an offline benchmark (``emoji``, ``icons``)."""
+    offline = {"emoji": emoji_splits, "icons": icon_splits}
+    if dataset in offline:
         if isinstance(validation_classes, float):
-            raise ValueError("--dataset emoji takes an integer --validation-classes count.")
-
-        return emoji_splits(seed=seed, validation_classes=validation_classes)
-
+            raise ValueError(f"--dataset {dataset} takes an integer --validation-classes count.")
+        return offline[dataset](seed=seed, validation_classes=validation_classes)
     return load_dml_dataset(dataset, data_dir=data_dir, validation_classes=validation_classes, seed=seed)
