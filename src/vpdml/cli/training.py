@@ -47,8 +47,6 @@ ADAPTER_OPTIONS = (
     "proxy_offload",
 )
 LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
-# Run-level flags that are not TrainingArguments fields.
-_TRAIN_EXTRAS = ("dataset", "data_dir", "validation_classes", "backbone", "recipe")
 
 
 # --------------------------------------------------------------------------------------------------
