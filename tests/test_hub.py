@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import huggingface_hub.constants
 import pytest
@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard, hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
+from helpers.fake_hub import RecordingHfApi
 from helpers.hub_snapshot import make_fake_hub_snapshot
 from vpdml import hub
 
@@ -225,27 +226,6 @@ def test_write_model_card_fills_size_and_images_from_the_folder(tmp_path: Path) 
 # --------------------------------------------------------------------------------------------------
 # push_adapter_to_hub
 # --------------------------------------------------------------------------------------------------
-
-
-class RecordingHfApi:
-    """Stands in for HfApi: records every call, talks to nothing."""
-
-    instances: ClassVar[list[RecordingHfApi]] = []
-
-    def __init__(self, token: str | None = None, **kwargs: Any) -> None:
-        self.token = token
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        RecordingHfApi.instances.append(self)
-
-    def create_repo(self, repo_id: str, **kwargs: Any) -> str:
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return f"https://huggingface.co/{repo_id}"
-
-    def create_branch(self, repo_id: str, **kwargs: Any) -> None:
-        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
-
-    def upload_folder(self, **kwargs: Any) -> None:
-        self.calls.append(("upload_folder", kwargs))
 
 
 @pytest.fixture

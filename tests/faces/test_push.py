@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import huggingface_hub.constants
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
+from helpers.fake_hub import RecordingHfApi
 from helpers.runs import write_backbone, write_run
 from vpdml import hub
 from vpdml.cli import main
@@ -28,27 +29,6 @@ RELEASE_FILES = {
 }
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*requires torchvision:UserWarning")
-
-
-class RecordingHfApi:
-    """Stands in for HfApi: records the token it was given and every call, talks to nothing."""
-
-    instances: ClassVar[list[RecordingHfApi]] = []
-
-    def __init__(self, token: str | None = None, **kwargs: Any) -> None:
-        self.token = token
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        RecordingHfApi.instances.append(self)
-
-    def create_repo(self, repo_id: str, **kwargs: Any) -> str:
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return f"https://huggingface.co/{repo_id}"
-
-    def create_branch(self, repo_id: str, **kwargs: Any) -> None:
-        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
-
-    def upload_folder(self, **kwargs: Any) -> None:
-        self.calls.append(("upload_folder", kwargs))
 
 
 @pytest.fixture

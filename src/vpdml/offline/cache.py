@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -42,3 +43,16 @@ def publish_staged_dir(staging: Path, target: Path, *, replace: bool) -> None:
     except OSError:
         if not target.exists():  # lost the race to a concurrent publisher: theirs is as good as ours
             raise
+
+
+def is_complete_build(target: Path, info_file: str, format_version: int) -> bool:
+    """Whether ``target`` holds a finished build of this format: its build-info JSON (written last) is readable
+    and records ``format_version`` (a stale or half-written cache is rebuilt)."""
+    info_path = target / info_file
+    if not info_path.is_file():
+        return False
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return info.get("format_version") == format_version

@@ -36,7 +36,7 @@ from PIL import Image
 
 from vpdml.data.splits import DMLSplits
 from vpdml.data.splits import select_classes as select_dataset_classes
-from vpdml.offline.cache import publish_staged_dir, resolve_cache_dir
+from vpdml.offline.cache import is_complete_build, publish_staged_dir, resolve_cache_dir
 from vpdml.offline.class_split import split_emoji_classes
 from vpdml.offline.npm import NpmPackage, OfflineDatasetError, fetch_npm_package, read_tar_members
 from vpdml.offline.rendering import png_bytes, rasterise_svg, to_square_rgb
@@ -209,7 +209,7 @@ def ensure_emoji_dataset(
         raise ValueError(f"image_size must be an int pixel size in [16, 1024], got {image_size!r}.")
     root = resolve_cache_dir(cache_dir)
     target = emoji_dataset_dir(root, image_size)
-    if not force and _is_complete_build(target):
+    if not force and is_complete_build(target, BUILD_INFO_FILE, DATASET_FORMAT_VERSION):
         return datasets.load_from_disk(str(target))
 
     started = time.perf_counter()
@@ -225,7 +225,11 @@ def ensure_emoji_dataset(
         dataset.save_to_disk(str(staging))
         timings = {"fetch_s": fetched - started, "build_s": time.perf_counter() - fetched}
         _write_build_info(staging, len(classes), dataset.num_rows, image_size, timings, statistics)
-        publish_staged_dir(staging, target, replace=force or not _is_complete_build(target))
+        publish_staged_dir(
+            staging,
+            target,
+            replace=force or not is_complete_build(target, BUILD_INFO_FILE, DATASET_FORMAT_VERSION),
+        )
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -387,17 +391,6 @@ def _features(class_names: list[str]) -> datasets.Features:
             "name": datasets.Value("string"),
         }
     )
-
-
-def _is_complete_build(target: Path) -> bool:
-    info_path = target / BUILD_INFO_FILE
-    if not info_path.is_file():
-        return False
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return info.get("format_version") == DATASET_FORMAT_VERSION
 
 
 def _write_build_info(
