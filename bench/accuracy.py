@@ -394,7 +394,8 @@ def paired_differences(runs: list[dict[str, Any]], reference: str, metric: str =
             continue
         mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
         se = sd / len(diffs) ** 0.5
-        ratio = f"{mean / se:+.1f}" if se > 0 else "-"
+        # an SE at float-rounding level means the same difference on every seed: no ratio to speak of
+        ratio = f"{mean / se:+.1f}" if se > 1e-9 else "- (no spread)"
         lines.append(
             f"| {NAMES.get(label, label)} | {len(diffs)} | {mean:+.4f} ± {sd:.4f} | {se:.4f} | {ratio} |"
         )

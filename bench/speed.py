@@ -36,6 +36,12 @@ METHODS = (
     "vptsp-g-1img-eq",
     "vptsp-g-1img-eq-fused",
     "vptsp-g-1img-every4",
+    "vptsp-g-last2",
+    "vptsp-g-last3",
+    "vptsp-g-last4",
+    "vptsp-g-1img-last3",
+    "vptsp-g-1img-last4",
+    "vptsp-g-1img-last6",
     "lora",
     "full-finetune",
     "vptsp-g-embed",
@@ -43,6 +49,9 @@ METHODS = (
 #: proxy pass on every k-th step only (``proxy_pass_every``): such a method is timed over whole k-step cycles, by the
 #: mean step (a median would pick the cheap steps)
 PROXY_PASS_EVERY = {"vptsp-g-1img-every4": 4}
+#: ``-lastN``: the proxy pass runs through the last N blocks only, from the sample pass's hidden states
+#: (``proxy_pass_layers=N``, a shared trunk)
+LAST_BLOCKS_SUFFIX = "-last"
 # Forward-only rows: the frozen backbone (the floor) and embedding with a trained VPTSP-G adapter (inference:
 # shared prompts + head; class prompts and proxies are not used).
 INFERENCE_METHODS = ("frozen-forward", "vptsp-g-embed")
@@ -94,6 +103,9 @@ def _build(method: str, setting: Setting):
         name, overrides = "vptsp-g", {"semantic_images_per_class": 1}
     if method in PROXY_PASS_EVERY:
         overrides["proxy_pass_every"] = PROXY_PASS_EVERY[method]
+    if LAST_BLOCKS_SUFFIX in method:
+        name = "vptsp-g"
+        overrides["proxy_pass_layers"] = int(method.rsplit(LAST_BLOCKS_SUFFIX, 1)[1])
     if method.startswith(
         "vptsp-g-1img-eq"
     ):  # as many class prompts as shared prompts: one fused pass possible

@@ -125,6 +125,9 @@ def test_command_line_beats_recipe_beats_defaults():
     line = ["--dataset", "cub200", "--output-dir", "o", "--recipe", "cub200", "--method", "full-finetune"]
     args, adapter = training_settings(parser.parse_args(line))
     assert args.method == "full-finetune" and adapter == {}  # prompt settings of the recipe do not apply
+    line = ["--dataset", "cub200", "--output-dir", "o", "--method", "lora", "--lora-semantic-proxies", "gru"]
+    args, adapter = training_settings(parser.parse_args([*line, "--proxy-pass-layers", "3"]))
+    assert adapter == {"semantic_proxies": "gru", "proxy_pass_layers": 3}
     with pytest.raises(SystemExit):
         parser.parse_args(["--dataset", "cub200", "--output-dir", "o", "--method", "prefix-tuning"])
 

@@ -193,6 +193,7 @@ DATA_STARTED_PROXIES = {
                 "semantic_proxy_init": "first_pass",
                 "unseen_semantic_proxies": "learnable",
                 "proxy_pass_every": 2,
+                "proxy_pass_layers": 1,  # a shared trunk: the proxy pass continues the sample pass
             },
         ),
     ],

@@ -95,7 +95,8 @@ def _hand_count(config: VisualPromptDMLConfig, hidden=32, layers=3, mlp=48, clas
     )  # + patch conv + final norm
     training = classes * dim
     if config.semantic_proxies != "none":
-        training += classes * config.class_prompts * layers * hidden + head
+        proxy_layers = min(config.proxy_pass_layers or layers, layers)  # class prompts in these blocks only
+        training += classes * config.class_prompts * proxy_layers * hidden + head
         training += (dim * 3 * dim + 3 * dim + dim * 3 * dim) if config.semantic_proxies == "gru" else 0
     return {"prompts": prompts, "head": head, "bitfit": bitfit, "training_only": training}
 

@@ -32,6 +32,7 @@ ADAPTER_OPTIONS = (
     "semantic_images_per_class",
     "fuse_proxy_pass",
     "proxy_pass_every",
+    "proxy_pass_layers",
     "proxy_keep_ratio",
     "gru_dropout",
     "proxy_mix_alpha",
@@ -183,6 +184,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=argparse.SUPPRESS,
         help="Module names to adapt (default: the attention's query and value projections).",
     )
+    lora.add_argument(
+        "--lora-semantic-proxies",
+        choices=("none", "ema", "gru"),
+        default=argparse.SUPPRESS,
+        help="Semantic proxies on top of LoRA: VPTSP's proxy pass through the LoRA backbone (--class-prompts, "
+        "--proxy-pass-layers, --semantic-images-per-class, --proxy-mix-alpha apply; default: none).",
+    )
     return parser
 
 
@@ -201,6 +209,8 @@ def training_settings(namespace: argparse.Namespace) -> tuple[Any, dict[str, Any
         adapter = {}
     adapter.update({name: given[name] for name in ADAPTER_OPTIONS if name in given})
     adapter.update({name: given[name] for name in LORA_FLAGS if name in given})
+    if "lora_semantic_proxies" in given:
+        adapter["semantic_proxies"] = given["lora_semantic_proxies"]
     return TrainingArguments(**training), adapter
 
 

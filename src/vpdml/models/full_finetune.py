@@ -18,6 +18,7 @@ from vpdml.modules.backbones import describe_backbone, pooled_features
 from vpdml.modules.head import EmbeddingHead
 from vpdml.proxies.bank import ProxyBank
 from vpdml.proxies.loss import LossSettings, proxy_loss
+from vpdml.tuner.outputs import DMLForwardOutput
 
 HEAD_FILE = "dml_head.safetensors"
 HEAD_CONFIG = "dml_head_config.json"
@@ -72,10 +73,15 @@ class FullFineTuningDML(nn.Module):
         features = pooled_features(self.backbone, self.backbone_info, pixel_values, self.settings["pooling"])
         return self.head(features)
 
+    def dml_forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> DMLForwardOutput:
+        """Embeddings of a training batch (and, where a subclass has them, this step's semantic-proxy rows)."""
+        return DMLForwardOutput(self.embed(pixel_values))
+
     def dml_loss(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.long()
-        proxies = self.proxies.loss_proxies(labels)
-        return proxy_loss(self.embed(pixel_values), labels, proxies, self.loss_settings)
+        outputs = self.dml_forward(pixel_values, labels)
+        proxies = self.proxies.loss_proxies(labels, outputs.semantic_rows)
+        return proxy_loss(outputs.embeddings, labels, proxies, self.loss_settings)
 
     @property
     def loss_settings(self) -> LossSettings:

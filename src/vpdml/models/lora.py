@@ -7,8 +7,9 @@ are saved the PEFT way (``adapter_config.json`` + ``adapter_model.safetensors``,
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,12 @@ from torch import nn
 
 from vpdml.atomic_io import atomic_save_safetensors, load_safetensors_file
 from vpdml.models.full_finetune import FullFineTuningDML, read_settings
+from vpdml.modules.backbones import pooled_features
+from vpdml.proxies.accumulators import first_per_class
+from vpdml.tuner.bank import proxy_bank_for
+from vpdml.tuner.config import VisualPromptDMLConfig
+from vpdml.tuner.layer import PromptRouter, SharedTrunk, prompted_blocks
+from vpdml.tuner.outputs import DMLForwardOutput
 
 LORA_CONFIG_FILE = "adapter_config.json"
 LORA_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -39,6 +46,11 @@ class LoRADML(FullFineTuningDML):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         lora_target_modules: Sequence[str] | None = None,
+        semantic_proxies: str = "none",
+        class_prompts: int = 1,
+        proxy_pass_layers: int | None = 2,
+        semantic_images_per_class: int | None = None,
+        proxy_mix_alpha: float = 0.5,
         **settings: Any,
     ) -> None:
         lora_target_modules = list(lora_target_modules or query_value_projections(backbone))
@@ -69,8 +81,70 @@ class LoRADML(FullFineTuningDML):
             lora_dropout=lora_dropout,
             lora_target_modules=list(lora_target_modules),
         )
+        self.semantic_config: VisualPromptDMLConfig | None = None
+        if semantic_proxies != "none":
+            semantic = {
+                "semantic_proxies": semantic_proxies,
+                "class_prompts": class_prompts,
+                "proxy_pass_layers": proxy_pass_layers,
+                "semantic_images_per_class": semantic_images_per_class,
+                "proxy_mix_alpha": proxy_mix_alpha,
+            }
+            self._add_semantic_proxies(semantic)
+            self.settings.update(semantic)  # only then: a plain LoRA folder's settings stay as they were
+
+    def _add_semantic_proxies(self, semantic: dict[str, Any]) -> None:
+        """Replace the learnable proxies by a VPTSP proxy bank: class prompts in the (LoRA-adapted) backbone's last
+        ``proxy_pass_layers`` blocks generate semantic proxies, exactly as in the prompt tuner."""
+        self.semantic_config = VisualPromptDMLConfig(
+            num_prompts=0,
+            num_classes=self.settings["num_classes"],
+            embedding_dim=self.settings["embedding_dim"],
+            proxy_negatives=self.settings["proxy_negatives"],
+            proxy_offload=self.settings["proxy_offload"],
+            **semantic,
+        )
+        info = self.backbone_info
+        self.proxies = proxy_bank_for(
+            self.semantic_config,
+            embedding_dim=self.settings["embedding_dim"],
+            hidden_size=info.hidden_size,
+            num_layers=info.num_layers,
+        )
+        self._router = PromptRouter()
+
+    def dml_forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> DMLForwardOutput:
+        """Embeddings; with semantic proxies also a proxy pass (class prompts routed through the backbone's blocks,
+        from the sample pass's hidden states after its shared trunk) and this step's semantic-proxy rows."""
+        bank, config = self.proxies, self.semantic_config
+        if config is None or not bank.proxy_pass_due():
+            return DMLForwardOutput(self.embed(pixel_values))
+        labels = labels.long()
+        info = self.backbone_info
+        chosen = first_per_class(labels, config.semantic_images_per_class)
+        per_layer = bank.class_prompts.gather(labels[chosen])
+        trunk_layers = config.shared_trunk_layers(info.num_layers)
+        trunk = SharedTrunk(trunk_layers) if trunk_layers else None
+        sharing = self._router.sharing if trunk is not None else _no_trunk
+        with prompted_blocks(self.backbone.get_submodule(info.blocks_path), self._router):
+            with sharing(trunk):
+                embeddings = self.embed(pixel_values)
+            if trunk is not None:
+                trunk.select(chosen)
+            self._router.provider = lambda layer_index, batch_size: per_layer[layer_index]
+            try:
+                with sharing(trunk):
+                    features = pooled_features(
+                        self.backbone, info, pixel_values[chosen], self.settings["pooling"]
+                    )
+            finally:
+                self._router.provider = None
+        semantic = bank.proxy_head(features)
+        return DMLForwardOutput(embeddings, semantic, bank.accumulate(semantic, labels[chosen]))
 
     def describe(self) -> str:
+        if self.semantic_config is not None:
+            return f"LoRA r={self.lora_config.r} + semantic proxies ({self.semantic_config.semantic_proxies.upper()})"
         return f"LoRA r={self.lora_config.r} (Proxy Anchor)"
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -136,3 +210,8 @@ def query_value_projections(backbone: nn.Module) -> list[str]:
     (CLIP, and ViT/DINOv2 in transformers >= 5) or ``query``/``value`` (ViT/DINOv2 in transformers 4)."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
     return ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= leaves else ["query", "value"]
+
+
+@contextlib.contextmanager
+def _no_trunk(trunk: None) -> Iterator[None]:
+    yield

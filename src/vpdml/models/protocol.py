@@ -240,7 +240,7 @@ class FullFineTuningDMLModel(DMLModel):
         return {"proxy_offload": bool(self.module.settings.get("proxy_offload"))}
 
     def dml_forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> DMLForwardOutput:
-        return DMLForwardOutput(self.module.embed(pixel_values))
+        return self.module.dml_forward(pixel_values, labels)
 
     @contextlib.contextmanager
     def zero_shot(self) -> Iterator[EmbedFn]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EMAAccumulator", "GRUAccumulator", "scatter_mean"]
+__all__ = ["EMAAccumulator", "GRUAccumulator", "first_per_class", "scatter_mean"]
 
 
 def scatter_mean(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,3 +77,12 @@ def rank_within_class(inverse: torch.Tensor, num_classes: int) -> torch.Tensor:
     """For each sample, how many earlier batch samples share its class (0 for the first)."""
     one_hot = F.one_hot(inverse, num_classes)
     return (one_hot.cumsum(0) * one_hot).sum(-1) - 1
+
+
+def first_per_class(labels: torch.Tensor, per_class: int | None) -> torch.Tensor:
+    """Indices of the first ``per_class`` batch images of every class (all images when None)."""
+    if per_class is None:
+        return torch.arange(labels.shape[0], device=labels.device)
+    _, inverse = torch.unique(labels, return_inverse=True)
+    rank = rank_within_class(inverse, int(inverse.max()) + 1)
+    return torch.nonzero(rank < per_class, as_tuple=True)[0]

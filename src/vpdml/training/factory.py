@@ -34,6 +34,14 @@ _FULL_FINETUNE_OPTIONS = {
 
 
 LORA_OPTIONS = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"}
+#: semantic proxies on top of LoRA (:class:`vpdml.LoRADML`): the prompt tuner's proxy pass, LoRA's backbone
+LORA_SEMANTIC_OPTIONS = {
+    "semantic_proxies",
+    "class_prompts",
+    "proxy_pass_layers",
+    "semantic_images_per_class",
+    "proxy_mix_alpha",
+}
 
 
 def build_model(backbone: nn.Module, method: str, num_classes: int, **config_overrides: Any) -> nn.Module:
@@ -46,11 +54,15 @@ def build_model(backbone: nn.Module, method: str, num_classes: int, **config_ove
             (:class:`vpdml.FullFineTuningDML`).
         num_classes: number of training classes (labels ``0..C-1``).
         **config_overrides: :class:`vpdml.VisualPromptDMLConfig` fields (``num_prompts=``, ``embedding_dim=``...);
-            full fine-tuning takes ``embedding_dim``, ``pooling`` and the ``proxy_anchor_*`` options, LoRA those
-            and ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``.
+            full fine-tuning takes ``embedding_dim``, ``pooling`` and the ``proxy_anchor_*`` options, LoRA those,
+            ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules`` and, for semantic proxies on
+            top of LoRA, ``semantic_proxies``, ``class_prompts``, ``proxy_pass_layers``,
+            ``semantic_images_per_class``, ``proxy_mix_alpha``.
     """
     if method in ("full-finetune", "lora"):
-        accepted = _FULL_FINETUNE_OPTIONS | (LORA_OPTIONS if method == "lora" else set())
+        accepted = _FULL_FINETUNE_OPTIONS | (
+            LORA_OPTIONS | LORA_SEMANTIC_OPTIONS if method == "lora" else set()
+        )
         unknown = sorted(set(config_overrides) - accepted)
         if unknown:
             raise ValueError(

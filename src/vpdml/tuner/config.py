@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from vpdml.modules.prompts import prompt_schedule
 from vpdml.proxies.loss import LossSettings
 from vpdml.tuner.peft_type import VPDML_PEFT_TYPE
 
@@ -32,8 +33,9 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "linear": {"num_prompts": 0, "bitfit": False, "semantic_proxies": "none"},
     "vpt": {"bitfit": False, "semantic_proxies": "none"},
     "vpt-bitfit": {"bitfit": True, "semantic_proxies": "none"},
-    "vptsp-m": {"bitfit": True, "semantic_proxies": "ema"},
-    "vptsp-g": {"bitfit": True, "semantic_proxies": "gru"},
+    # the proxy pass through the last two blocks only, from the sample pass's hidden states (docs/method.md)
+    "vptsp-m": {"bitfit": True, "semantic_proxies": "ema", "proxy_pass_layers": 2},
+    "vptsp-g": {"bitfit": True, "semantic_proxies": "gru", "proxy_pass_layers": 2},
 }
 
 
@@ -97,7 +99,9 @@ class VisualPromptDMLConfig(PeftConfig):
     )
     class_prompt_depth: int | None = field(
         default=None,
-        metadata={"help": "Number of leading layers that get class prompts (None = every layer)."},
+        metadata={
+            "help": "Number of leading layers of the proxy pass that get class prompts (None = every one)."
+        },
     )
     class_prompt_step: int = field(
         default=0, metadata={"help": "Decreasing class prompts: layer i gets max(m - step * i, 0)."}
@@ -130,6 +134,12 @@ class VisualPromptDMLConfig(PeftConfig):
         default=1,
         metadata={
             "help": "Run the proxy pass on every k-th training step only (1 = every step, as in the paper)."
+        },
+    )
+    proxy_pass_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Run the proxy pass through the last N blocks only, continuing the sample pass's hidden states (None, or N >= the depth = a whole pass, as in the paper)."
         },
     )
     fuse_proxy_pass: bool = field(
@@ -238,6 +248,20 @@ class VisualPromptDMLConfig(PeftConfig):
     def uses_semantic_proxies(self) -> bool:
         return self.semantic_proxies != "none"
 
+    def shared_trunk_layers(self, num_layers: int) -> int:
+        """Leading blocks the proxy pass shares with the sample pass (0: a whole proxy pass)."""
+        return max(num_layers - (self.proxy_pass_layers or num_layers), 0)
+
+    def class_prompt_counts(self, num_layers: int) -> list[int]:
+        """Class prompts per backbone layer: the ``class_prompts`` / ``class_prompt_step`` / ``class_prompt_depth``
+        schedule over the blocks the proxy pass runs (the last ``proxy_pass_layers``), 0 in the shared trunk."""
+        # N >= the backbone's depth is the whole pass: the presets' N = 2 then still fits a 1-block backbone
+        proxy_layers = num_layers - self.shared_trunk_layers(num_layers)
+        schedule = prompt_schedule(
+            self.class_prompts, self.class_prompt_step, self.class_prompt_depth, proxy_layers
+        )
+        return [0] * (num_layers - proxy_layers) + schedule
+
     @property
     def loss_settings(self) -> LossSettings:
         return LossSettings(
@@ -267,6 +291,7 @@ class VisualPromptDMLConfig(PeftConfig):
             )
         _check_optional_int(self, "semantic_images_per_class", minimum=1)
         _check_int(self, "proxy_pass_every", minimum=1)
+        _check_optional_int(self, "proxy_pass_layers", minimum=1)
         if not isinstance(self.fuse_proxy_pass, bool):
             raise _field_error(self, "fuse_proxy_pass", "True or False")
         _check_range(self, "proxy_keep_ratio", 0.0, 1.0, include_high=False)

@@ -10,7 +10,8 @@ mask), and slicing the image tokens back out is a view, not a copy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,14 +22,55 @@ from torch import nn
 PromptProvider = Callable[[int, int], "torch.Tensor | None"]
 
 
+class SharedTrunk:
+    """The leading blocks the proxy pass shares with the sample pass.
+
+    During the sample pass, block ``layers - 1`` records its output. :meth:`select` keeps the rows of the images
+    the proxy pass re-encodes; during the proxy pass, blocks ``0 .. layers - 1`` then return those rows instead of
+    computing (so the encoder hands them on to block ``layers``). The recorded rows stay in the sample pass's
+    autograd graph: the proxy pass's gradient reaches the shared prompts and biases of the trunk.
+    """
+
+    def __init__(self, layers: int) -> None:
+        if layers < 1:
+            raise ValueError(f"A shared trunk needs at least one block, got {layers}.")
+        self.layers = layers
+        self.output: Any = None
+        self.replaying = False
+
+    def record(self, layer_index: int, output: Any) -> None:
+        if layer_index == self.layers - 1:
+            self.output = output
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the recorded hidden states of ``rows`` (the proxy pass's images) and switch to replaying them."""
+        if self.output is None:
+            raise RuntimeError("The sample pass did not reach the end of the shared trunk.")
+        if isinstance(self.output, tuple):
+            self.output = (self.output[0][rows], *self.output[1:])
+        else:
+            self.output = self.output[rows]
+        self.replaying = True
+
+
 class PromptRouter:
     """Plain object shared by all prompted blocks of one backbone: who provides prompts right now."""
 
     def __init__(self) -> None:
         self.provider: PromptProvider | None = None
+        self.trunk: SharedTrunk | None = None
 
     def prompts(self, layer_index: int, batch_size: int) -> torch.Tensor | None:
         return None if self.provider is None else self.provider(layer_index, batch_size)
+
+    @contextmanager
+    def sharing(self, trunk: SharedTrunk) -> Iterator[None]:
+        """Record (sample pass) or replay (proxy pass) ``trunk`` for the duration of one backbone pass."""
+        previous, self.trunk = self.trunk, trunk
+        try:
+            yield
+        finally:
+            self.trunk = previous
 
 
 class PromptedBlock(nn.Module, BaseTunerLayer):
@@ -47,6 +89,16 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
         self._active_adapter: str | list[str] = "default"
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        trunk = self._router.trunk
+        if trunk is None or self.layer_index >= trunk.layers:
+            return self._prompted_forward(hidden_states, *args, **kwargs)
+        if trunk.replaying:
+            return trunk.output
+        output = self._prompted_forward(hidden_states, *args, **kwargs)
+        trunk.record(self.layer_index, output)
+        return output
+
+    def _prompted_forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         prompts = (
             None if self._disable_adapters else self._router.prompts(self.layer_index, hidden_states.shape[0])
         )
@@ -71,3 +123,18 @@ def _pad_attention_mask(value: Any, num_prompts: int) -> Any:
         return value
     fill = True if value.dtype == torch.bool else 0.0
     return nn.functional.pad(value, (0, num_prompts, 0, num_prompts), value=fill)
+
+
+@contextmanager
+def prompted_blocks(blocks: nn.ModuleList, router: PromptRouter) -> Iterator[None]:
+    """Route prompts through ``blocks`` for the duration of a ``with``: each block is wrapped in a
+    :class:`PromptedBlock` and put back afterwards, so the module tree and its state-dict keys stay the model's
+    own (for models that are not the prompt tuner, e.g. :class:`vpdml.LoRADML` with semantic proxies)."""
+    originals = list(blocks)
+    for index, block in enumerate(originals):
+        blocks[index] = PromptedBlock(block, index, router)
+    try:
+        yield
+    finally:
+        for index, block in enumerate(originals):
+            blocks[index] = block

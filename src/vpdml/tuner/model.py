@@ -29,12 +29,18 @@ from vpdml.modules.backbones import BackboneInfo, biased_modules, describe_backb
 from vpdml.modules.bitfit import BiasOffsets, install_bias_hooks
 from vpdml.modules.head import EmbeddingHead
 from vpdml.modules.prompts import VisualPrompts, prompt_schedule
-from vpdml.proxies.accumulators import rank_within_class
+from vpdml.proxies.accumulators import first_per_class
 from vpdml.proxies.bank import ProxyBank
 from vpdml.proxies.loss import proxy_loss
-from vpdml.tuner.checks import check_adapter_tensors, check_backbone_signature
+from vpdml.tuner.bank import proxy_bank_for
+from vpdml.tuner.checks import (
+    check_adapter_tensors,
+    check_backbone_signature,
+    check_labels,
+    check_pixel_values,
+)
 from vpdml.tuner.config import VisualPromptDMLConfig
-from vpdml.tuner.layer import PromptedBlock, PromptProvider, PromptRouter
+from vpdml.tuner.layer import PromptedBlock, PromptProvider, PromptRouter, SharedTrunk
 from vpdml.tuner.outputs import DMLForwardOutput, DMLLossOutput
 from vpdml.tuner.peft_type import PREFIX
 
@@ -119,30 +125,10 @@ class VisualPromptDMLModel(BaseTuner):
             shapes = {name: module.bias.shape for name, module in self._biased_modules.items()}
             self.vpdml_bitfit[adapter_name] = BiasOffsets(shapes).to(device)
         if config.num_classes is not None:
-            class_counts = prompt_schedule(
-                config.class_prompts, config.class_prompt_step, config.class_prompt_depth, info.num_layers
-            )
-            self.dml_proxies[adapter_name] = ProxyBank(
-                num_classes=config.num_classes,
-                embedding_dim=dim,
-                hidden_size=hidden,
-                semantic_proxies=config.semantic_proxies,
-                class_prompt_counts=class_counts,
-                keep_ratio=config.proxy_keep_ratio,
-                gru_dropout=config.gru_dropout,
-                mix_alpha=config.proxy_mix_alpha,
-                class_prompt_storage=config.class_prompt_storage,
-                class_prompt_rank=config.class_prompt_rank,
-                class_prompt_offload=config.class_prompt_offload,
-                negatives=config.proxy_negatives,
-                offload=config.proxy_offload,
-                learnable_init=config.learnable_proxy_init,
-                mix=config.proxy_mix,
-                semantic_init=config.semantic_proxy_init,
-                unseen=config.unseen_semantic_proxies,
-                proxy_head_init=config.proxy_head_init,
-                proxy_pass_every=config.proxy_pass_every,
-            ).to(device)  # offloaded tables and proxies ignore this move and stay in host memory
+            bank = proxy_bank_for(config, embedding_dim=dim, hidden_size=hidden, num_layers=info.num_layers)
+            self.dml_proxies[adapter_name] = bank.to(
+                device
+            )  # offloaded tables and proxies stay in host memory
 
     # --------------------------------------------------------------------------------- prompt and bias routing
     def _active_prompt_provider(self, layer_index: int, batch_size: int) -> torch.Tensor | None:
@@ -191,7 +177,7 @@ class VisualPromptDMLModel(BaseTuner):
         Inside ``with model.disable_adapter():`` this returns the frozen backbone's normalised pooled feature
         (``(B, D)``), i.e. the zero-shot baseline.
         """
-        self._check_pixel_values(pixel_values)
+        check_pixel_values(pixel_values, self.backbone_info, self.model.config)
         if not self._adapters_enabled:
             pooling = (
                 self.peft_config[self.active_adapter].pooling
@@ -282,14 +268,20 @@ class VisualPromptDMLModel(BaseTuner):
         adapter = self.resolve_adapter(adapter_name)
         config = self.peft_config[adapter]
         bank = self._proxy_bank(adapter)
-        labels = self._check_labels(labels, pixel_values, bank.num_classes)
+        labels = check_labels(labels, pixel_values, bank.num_classes)
         # record_function scopes name the phases in torch.profiler traces (bench/profile_step.py); free otherwise
         if not bank.uses_semantic_proxies or not bank.proxy_pass_due():
             with record_function("vpdml.sample_pass"):
                 return DMLForwardOutput(self.embed(pixel_values, adapter_name=adapter))
-        chosen = _first_per_class(labels, config.semantic_images_per_class)
-        if self._can_fuse_proxy_pass(adapter, bank, config):
-            self._check_pixel_values(pixel_values)
+        chosen = first_per_class(labels, config.semantic_images_per_class)
+        trunk_layers = config.shared_trunk_layers(self.backbone_info.num_layers)
+        if trunk_layers:
+            check_pixel_values(pixel_values, self.backbone_info, self.model.config)
+            embeddings, semantic = self._passes_with_shared_trunk(
+                bank, pixel_values, labels, chosen, adapter, config, SharedTrunk(trunk_layers)
+            )
+        elif self._can_fuse_proxy_pass(adapter, bank, config):
+            check_pixel_values(pixel_values, self.backbone_info, self.model.config)
             with record_function("vpdml.fused_passes"):
                 embeddings, semantic = self._fused_passes(bank, pixel_values, labels, chosen, adapter, config)
         else:
@@ -317,7 +309,7 @@ class VisualPromptDMLModel(BaseTuner):
         adapter = self.resolve_adapter(adapter_name)
         config = self.peft_config[adapter]
         bank = self._proxy_bank(adapter)
-        labels = self._check_labels(labels, pixel_values, bank.num_classes)
+        labels = check_labels(labels, pixel_values, bank.num_classes)
         outputs = self.dml_forward(pixel_values, labels, adapter_name=adapter)
         with record_function("vpdml.proxies_and_loss"):
             proxies = bank.loss_proxies(labels, outputs.semantic_rows)
@@ -352,6 +344,28 @@ class VisualPromptDMLModel(BaseTuner):
         with self._route(class_prompt_provider, adapter):
             features = self.backbone_features(pixel_values, config.pooling)
         return bank.proxy_head(features)
+
+    def _passes_with_shared_trunk(
+        self,
+        bank: ProxyBank,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor,
+        chosen: torch.Tensor,
+        adapter: str,
+        config: VisualPromptDMLConfig,
+        trunk: SharedTrunk,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample pass, then a proxy pass that starts from its hidden states after ``trunk.layers`` blocks.
+
+        The proxy pass costs ``proxy_pass_layers / num_layers`` of a whole pass over the chosen images (plus their
+        patch embedding); its class prompts live in those last blocks only.
+        """
+        with record_function("vpdml.sample_pass"), self._router.sharing(trunk):
+            embeddings = self.embed(pixel_values, adapter_name=adapter)
+        trunk.select(chosen)
+        with record_function("vpdml.proxy_pass"), self._router.sharing(trunk):
+            semantic = self._semantic_embeddings(bank, pixel_values[chosen], labels[chosen], adapter, config)
+        return embeddings, semantic
 
     def _can_fuse_proxy_pass(self, adapter: str, bank: ProxyBank, config: VisualPromptDMLConfig) -> bool:
         # one pass needs one sequence length per layer: the class prompts must match the shared prompts' counts
@@ -513,49 +527,6 @@ class VisualPromptDMLModel(BaseTuner):
         )
         return remapped
 
-    # ------------------------------------------------------------------------------------------------- checks
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        info = self.backbone_info
-        channels = getattr(self.model.config, "num_channels", 3)
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(
-                f"pixel_values must be a torch.Tensor of shape (B, {channels}, H, W), got {type(pixel_values)}."
-            )
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
-            raise ValueError(
-                f"pixel_values must have shape (B, {channels}, H, W), got {tuple(pixel_values.shape)}. Use the "
-                "backbone's image processor or vpdml.data transforms to turn images into tensors."
-            )
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values is an empty batch (B = 0): pass at least one image.")
-        if not pixel_values.is_floating_point():
-            raise ValueError(
-                f"pixel_values must be floating point (normalised images), got {pixel_values.dtype}. Convert uint8 "
-                "images with the backbone's image processor."
-            )
-        height, width = pixel_values.shape[-2:]
-        if height < info.patch_size or width < info.patch_size:
-            raise ValueError(
-                f"pixel_values are {height}x{width}, smaller than one {info.patch_size}x{info.patch_size} patch."
-            )
-
-    @staticmethod
-    def _check_labels(labels: torch.Tensor, pixel_values: torch.Tensor, num_classes: int) -> torch.Tensor:
-        labels = torch.as_tensor(labels, device=pixel_values.device)
-        if labels.dim() != 1 or labels.shape[0] != pixel_values.shape[0]:
-            raise ValueError(
-                f"labels must be a 1-D tensor with one class id per image ({pixel_values.shape[0]}), got shape "
-                f"{tuple(labels.shape)}."
-            )
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}.")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {num_classes - 1}] (num_classes={num_classes}); got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]. Remap the training labels to 0..C-1."
-            )
-        return labels.long()
-
     def parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
         """Parameter counts of one adapter: inference part, training-only part, and the frozen backbone."""
         adapter = self.resolve_adapter(adapter_name)
@@ -585,12 +556,3 @@ def _layer_prompts_provider(prompts: VisualPrompts) -> PromptProvider:
         return _expand(prompts.for_layer(layer_index), batch_size)
 
     return provider
-
-
-def _first_per_class(labels: torch.Tensor, per_class: int | None) -> torch.Tensor:
-    """Indices of the first ``per_class`` batch images of every class (all images when None)."""
-    if per_class is None:
-        return torch.arange(labels.shape[0], device=labels.device)
-    _, inverse = torch.unique(labels, return_inverse=True)
-    rank = rank_within_class(inverse, int(inverse.max()) + 1)
-    return torch.nonzero(rank < per_class, as_tuple=True)[0]
