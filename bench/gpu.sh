@@ -32,7 +32,7 @@ EOF
   "$PYTHON" bench/speed.py --device cuda --dtype bf16 --image-size 224 --classes-per-batch 32 \
     --samples-per-class 2 --hidden-size "$HIDDEN" --heads "$HEADS" --layers 12 --num-prompts 10 \
     --num-classes 100 --steps "$STEPS" --warmup 3 \
-    --methods linear vpt vpt-bitfit vptsp-g vptsp-g-1img vptsp-g-1img-eq-fused vptsp-g-last2 vptsp-g-1img-last4 \
+    --methods linear vpt vpt-bitfit vptsp-g vptsp-g-1img vptsp-g-whole vptsp-g-1img-eq-fused vptsp-g-1img-last4 \
     vptsp-g-1img-every4 lora full-finetune \
     vptsp-g-embed
   echo

@@ -10,6 +10,12 @@ method runs in a fresh subprocess so its peak resident memory is its own.
 ``frozen-forward`` and ``vptsp-g-embed`` are forward passes without gradients (``vptsp-g-embed``: a VPTSP-G adapter
 embedding a batch, what retrieval costs at inference); every other row is one training step (forward, backward,
 AdamW). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the worker's peak RSS on CPU.
+
+``vptsp-g`` is the preset (its proxy pass re-encodes one image per class through the last 2 blocks:
+``semantic_images_per_class=1, proxy_pass_layers=2``). The other ``vptsp-g-*`` training rows re-encode every batch
+image unless named ``-1img`` (one per class), and run the paper's whole second pass unless named ``-lastN`` (the last
+N blocks): ``vptsp-g-whole`` is the paper's form; ``-eq``: as many class prompts as shared prompts, ``-fused``: both
+passes as one, ``-every4``: the proxy pass on every 4th step only.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ METHODS = (
     "vpt-bitfit",
     "vptsp-m",
     "vptsp-g",
+    "vptsp-g-whole",
     "vptsp-g-1img",
     "vptsp-g-1img-eq",
     "vptsp-g-1img-eq-fused",
@@ -99,13 +106,19 @@ def _build(method: str, setting: Setting):
     if method == "lora":
         return vpdml.LoRADML(backbone, num_classes=setting.num_classes)
     name, overrides = method, {}
-    if method.startswith("vptsp-g-1img"):
-        name, overrides = "vptsp-g", {"semantic_images_per_class": 1}
+    if method.startswith("vptsp-g-") and method != "vptsp-g-embed":
+        # variant rows re-encode every image unless they say `-1img` (the preset re-encodes one per class)
+        name = "vptsp-g"
+        overrides["semantic_images_per_class"] = 1 if method.startswith("vptsp-g-1img") else None
     if method in PROXY_PASS_EVERY:
         overrides["proxy_pass_every"] = PROXY_PASS_EVERY[method]
     if LAST_BLOCKS_SUFFIX in method:
         name = "vptsp-g"
         overrides["proxy_pass_layers"] = int(method.rsplit(LAST_BLOCKS_SUFFIX, 1)[1])
+    elif method.startswith("vptsp-g-") and method != "vptsp-g-embed":
+        # every other variant row is a form of the paper's whole second pass (the preset's trunk is `vptsp-g`)
+        name = "vptsp-g"
+        overrides["proxy_pass_layers"] = None
     if method.startswith(
         "vptsp-g-1img-eq"
     ):  # as many class prompts as shared prompts: one fused pass possible

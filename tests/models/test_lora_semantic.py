@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 from helpers.models import tiny_vit
 from helpers.toy_images import NORMALISATION, layout_splits
@@ -14,7 +15,12 @@ from vpdml.training import TrainingArguments, build_model, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SEMANTIC = {"semantic_proxies": "gru", "class_prompts": 2, "proxy_pass_layers": 2}
+SEMANTIC = {
+    "semantic_proxies": "gru",
+    "class_prompts": 2,
+    "proxy_pass_layers": 2,
+    "semantic_images_per_class": 1,
+}
 
 
 def lora_sp(seed: int = 0, **overrides) -> LoRADML:
@@ -79,6 +85,13 @@ def test_it_trains_through_the_loop_saves_and_loads(tmp_path):
     assert torch.equal(loaded.proxies.semantic_state, model.proxies.semantic_state)
     # PEFT itself still reads the LoRA weights of a model trained with semantic proxies
     PeftModel.from_pretrained(tiny_vit(1, num_hidden_layers=3), str(tmp_path / "run"))
+    # what embedding needs stays small: the class prompts and GRU are a file of their own, and optional
+    head = load_file(tmp_path / "run" / "dml_head.safetensors")
+    assert not any("class_prompts" in key or "accumulator" in key for key in head)
+    (tmp_path / "run" / "dml_semantic_proxies.safetensors").unlink()
+    embed_only, _ = load_trained_model(str(tmp_path / "run"))
+    with torch.no_grad():
+        assert torch.equal(embed_only.embed(test_images), loaded.embed(test_images))
 
 
 def test_semantic_options_are_checked():

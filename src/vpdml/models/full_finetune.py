@@ -22,6 +22,8 @@ from vpdml.tuner.outputs import DMLForwardOutput
 
 HEAD_FILE = "dml_head.safetensors"
 HEAD_CONFIG = "dml_head_config.json"
+#: with semantic proxies (``LoRADML(semantic_proxies=...)``): class prompts, proxy head, GRU/EMA and semantic state
+SEMANTIC_PROXIES_FILE = "dml_semantic_proxies.safetensors"
 
 
 class FullFineTuningDML(nn.Module):
@@ -104,14 +106,27 @@ class FullFineTuningDML(nn.Module):
 
     def _save_head(self, directory: Path) -> None:
         state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
-        state.update({f"proxies.{k}": v for k, v in self.proxies.state_dict().items()})
+        proxies = {f"proxies.{k}": v for k, v in self.proxies.state_dict().items()}
+        # semantic-proxy parts (class prompts, GRU, state) only resume training: a file of their own, so what
+        # embedding needs stays small
+        training_only = {k: v for k, v in proxies.items() if not k.startswith("proxies.learnable")}
+        state.update({k: v for k, v in proxies.items() if k not in training_only})
         atomic_save_safetensors(state, directory / HEAD_FILE, {"format": "vpdml-full-finetune/1"})
+        if self.proxies.uses_semantic_proxies:
+            atomic_save_safetensors(training_only, directory / SEMANTIC_PROXIES_FILE, {"format": "vpdml/1"})
         atomic_write_json(directory / HEAD_CONFIG, self.settings)
 
     def _load_head(self, directory: Path) -> None:
         state = load_safetensors_file(directory / HEAD_FILE)
+        semantic_file = directory / SEMANTIC_PROXIES_FILE
+        # without it (a copy made to embed only) the semantic parts keep their initial values: embedding does not
+        # read them; checkpoints and run folders always have it, so a resume never loses them
+        has_semantic = self.proxies.uses_semantic_proxies and semantic_file.is_file()
+        if has_semantic:
+            state.update(load_safetensors_file(semantic_file))
         self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
-        self.proxies.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("proxies.")})
+        proxies = {k[8:]: v for k, v in state.items() if k.startswith("proxies.")}
+        self.proxies.load_state_dict(proxies, strict=has_semantic or not self.proxies.uses_semantic_proxies)
 
     def load_weights(self, directory: str | os.PathLike) -> None:
         """Load what :meth:`save_pretrained` wrote into this model, in place."""

@@ -49,7 +49,7 @@ class LoRADML(FullFineTuningDML):
         semantic_proxies: str = "none",
         class_prompts: int = 1,
         proxy_pass_layers: int | None = 2,
-        semantic_images_per_class: int | None = None,
+        semantic_images_per_class: int | None = 1,
         proxy_mix_alpha: float = 0.5,
         **settings: Any,
     ) -> None:
@@ -156,7 +156,8 @@ class LoRADML(FullFineTuningDML):
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """PEFT's LoRA adapter files, plus the head and proxies (``dml_head.safetensors``)."""
+        """PEFT's LoRA adapter files, plus the head and proxies (``dml_head.safetensors``; with semantic proxies,
+        their training-only parts in ``dml_semantic_proxies.safetensors``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.lora_config.save_pretrained(str(directory))
