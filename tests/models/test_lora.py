@@ -67,6 +67,15 @@ def test_saved_the_peft_way_and_reloaded_exactly(tmp_path, pixels, labels):
         )
 
 
+def test_sampled_negatives_state_round_trips(tmp_path, pixels, labels):
+    model = build_model(tiny_vit(0), "lora", 5, embedding_dim=16, lora_rank=4, proxy_negatives=2)
+    model.dml_loss(pixels, labels)  # advances the sampling counter
+    model.save_pretrained(tmp_path)
+    again = LoRADML.from_pretrained(tmp_path, tiny_vit(0))
+    assert torch.equal(again.proxies.negative_sampling, model.proxies.negative_sampling)
+    assert not (tmp_path / "dml_semantic_proxies.safetensors").exists()
+
+
 def test_a_lora_file_of_another_rank_is_refused(tmp_path):
     build_model(tiny_vit(0), "lora", 5, lora_rank=4).save_pretrained(tmp_path)
     other = build_model(tiny_vit(0), "lora", 5, lora_rank=2)

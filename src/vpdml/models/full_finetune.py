@@ -107,13 +107,14 @@ class FullFineTuningDML(nn.Module):
     def _save_head(self, directory: Path) -> None:
         state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
         proxies = {f"proxies.{k}": v for k, v in self.proxies.state_dict().items()}
-        # semantic-proxy parts (class prompts, GRU, state) only resume training: a file of their own, so what
-        # embedding needs stays small
-        training_only = {k: v for k, v in proxies.items() if not k.startswith("proxies.learnable")}
-        state.update({k: v for k, v in proxies.items() if k not in training_only})
-        atomic_save_safetensors(state, directory / HEAD_FILE, {"format": "vpdml-full-finetune/1"})
         if self.proxies.uses_semantic_proxies:
+            # semantic-proxy parts (class prompts, GRU, state) only resume training: a file of their own, so what
+            # embedding needs stays small
+            training_only = {k: v for k, v in proxies.items() if not k.startswith("proxies.learnable")}
+            proxies = {k: v for k, v in proxies.items() if k not in training_only}
             atomic_save_safetensors(training_only, directory / SEMANTIC_PROXIES_FILE, {"format": "vpdml/1"})
+        state.update(proxies)
+        atomic_save_safetensors(state, directory / HEAD_FILE, {"format": "vpdml-full-finetune/1"})
         atomic_write_json(directory / HEAD_CONFIG, self.settings)
 
     def _load_head(self, directory: Path) -> None:
