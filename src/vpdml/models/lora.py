@@ -7,9 +7,8 @@ are saved the PEFT way (``adapter_config.json`` + ``adapter_model.safetensors``,
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,20 +124,20 @@ class LoRADML(FullFineTuningDML):
         per_layer = bank.class_prompts.gather(labels[chosen])
         trunk_layers = config.shared_trunk_layers(info.num_layers)
         trunk = SharedTrunk(trunk_layers) if trunk_layers else None
-        sharing = self._router.sharing if trunk is not None else _no_trunk
-        with prompted_blocks(self.backbone.get_submodule(info.blocks_path), self._router):
-            with sharing(trunk):
+        router = self._router
+        with prompted_blocks(self.backbone.get_submodule(info.blocks_path), router):
+            with router.sharing(trunk):
                 embeddings = self.embed(pixel_values)
             if trunk is not None:
                 trunk.select(chosen)
-            self._router.provider = lambda layer_index, batch_size: per_layer[layer_index]
-            try:
-                with sharing(trunk):
-                    features = pooled_features(
-                        self.backbone, info, pixel_values[chosen], self.settings["pooling"]
-                    )
-            finally:
-                self._router.provider = None
+
+            def class_prompts(layer_index: int, batch_size: int) -> torch.Tensor | None:
+                return per_layer[layer_index]
+
+            with router.providing(class_prompts), router.sharing(trunk):
+                features = pooled_features(
+                    self.backbone, info, pixel_values[chosen], self.settings["pooling"]
+                )
         semantic = bank.proxy_head(features)
         return DMLForwardOutput(embeddings, semantic, bank.accumulate(semantic, labels[chosen]))
 
@@ -211,8 +210,3 @@ def query_value_projections(backbone: nn.Module) -> list[str]:
     (CLIP, and ViT/DINOv2 in transformers >= 5) or ``query``/``value`` (ViT/DINOv2 in transformers 4)."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
     return ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= leaves else ["query", "value"]
-
-
-@contextlib.contextmanager
-def _no_trunk(trunk: None) -> Iterator[None]:
-    yield

@@ -64,8 +64,18 @@ class PromptRouter:
         return None if self.provider is None else self.provider(layer_index, batch_size)
 
     @contextmanager
-    def sharing(self, trunk: SharedTrunk) -> Iterator[None]:
-        """Record (sample pass) or replay (proxy pass) ``trunk`` for the duration of one backbone pass."""
+    def providing(self, provider: PromptProvider | None) -> Iterator[None]:
+        """Route ``provider``'s prompts (None: no prompts) for the duration of a ``with``."""
+        previous, self.provider = self.provider, provider
+        try:
+            yield
+        finally:
+            self.provider = previous
+
+    @contextmanager
+    def sharing(self, trunk: SharedTrunk | None) -> Iterator[None]:
+        """Record (sample pass) or replay (proxy pass) ``trunk`` for the duration of one backbone pass (None: every
+        block computes)."""
         previous, self.trunk = self.trunk, trunk
         try:
             yield

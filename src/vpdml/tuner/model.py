@@ -126,9 +126,8 @@ class VisualPromptDMLModel(BaseTuner):
             self.vpdml_bitfit[adapter_name] = BiasOffsets(shapes).to(device)
         if config.num_classes is not None:
             bank = proxy_bank_for(config, embedding_dim=dim, hidden_size=hidden, num_layers=info.num_layers)
-            self.dml_proxies[adapter_name] = bank.to(
-                device
-            )  # offloaded tables and proxies stay in host memory
+            # offloaded tables and proxies ignore this move and stay in host memory
+            self.dml_proxies[adapter_name] = bank.to(device)
 
     # --------------------------------------------------------------------------------- prompt and bias routing
     def _active_prompt_provider(self, layer_index: int, batch_size: int) -> torch.Tensor | None:
@@ -149,12 +148,12 @@ class VisualPromptDMLModel(BaseTuner):
     def _route(self, provider: PromptProvider | None, bias: str | BiasLookup) -> Iterator[None]:
         """Temporarily use ``provider``'s prompts and the bias offsets of ``bias`` (an adapter name, or a lookup
         returning per-sample offsets)."""
-        previous = (self._router.provider, self._bias_adapter)
-        self._router.provider, self._bias_adapter = provider, bias
+        previous, self._bias_adapter = self._bias_adapter, bias
         try:
-            yield
+            with self._router.providing(provider):
+                yield
         finally:
-            self._router.provider, self._bias_adapter = previous
+            self._bias_adapter = previous
 
     # ----------------------------------------------------------------------------------------------- embedding
     def backbone_features(self, pixel_values: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
