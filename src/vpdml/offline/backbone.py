@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vpdml.offline.cache import publish_staged_dir, resolve_cache_dir
+from vpdml.offline.cache import is_complete_build, publish_staged_dir, resolve_cache_dir
 from vpdml.offline.onnx_dinov2 import (
     HIDDEN_SIZE,
     INTERMEDIATE_SIZE,
@@ -346,14 +346,13 @@ def read_provenance(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _is_complete_conversion(target: Path) -> bool:
-    provenance_path = target / PROVENANCE_FILE
-    if not (provenance_path.is_file() and (target / WEIGHTS_FILE).is_file()):
-        return False
-    try:
-        provenance = json.loads(provenance_path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return provenance.get("converter_version") == CONVERTER_VERSION
+    return is_complete_build(
+        target,
+        PROVENANCE_FILE,
+        CONVERTER_VERSION,
+        version_key="converter_version",
+        required_files=(WEIGHTS_FILE,),
+    )
 
 
 def _write_checkpoint(directory: Path, state: dict[str, np.ndarray], config: Any) -> None:

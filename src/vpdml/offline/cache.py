@@ -45,14 +45,22 @@ def publish_staged_dir(staging: Path, target: Path, *, replace: bool) -> None:
             raise
 
 
-def is_complete_build(target: Path, info_file: str, format_version: int) -> bool:
-    """Whether ``target`` holds a finished build of this format: its build-info JSON (written last) is readable
-    and records ``format_version`` (a stale or half-written cache is rebuilt)."""
+def is_complete_build(
+    target: Path,
+    info_file: str,
+    format_version: int,
+    *,
+    version_key: str = "format_version",
+    required_files: tuple[str, ...] = (),
+) -> bool:
+    """Whether ``target`` holds a finished build of this format: ``required_files`` exist and its build-info JSON
+    (written last) is readable and records ``format_version`` under ``version_key`` (a stale or half-written cache
+    is rebuilt)."""
     info_path = target / info_file
-    if not info_path.is_file():
+    if not info_path.is_file() or not all((target / name).is_file() for name in required_files):
         return False
     try:
         info = json.loads(info_path.read_text())
     except json.JSONDecodeError:
         return False
-    return info.get("format_version") == format_version
+    return info.get(version_key) == format_version
