@@ -1,5 +1,6 @@
-"""A finished run folder written without training: a tiny backbone folder (with an image processor) and a model
-saved next to metrics.json, a model card and plots, as `vpdml train` leaves them."""
+"""Run folders for the tests: one written without training (a tiny backbone folder with an image processor and a
+model saved next to metrics.json, a model card and plots, as `vpdml train` leaves them), and a short real LoRA
+training run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from transformers import ViTImageProcessor, ViTModel
 import vpdml
 from helpers.models import tiny_vit
 from vpdml import hub
-from vpdml.training import build_model
+from vpdml.training import TrainingArguments, TrainResult, build_model, train
 
 #: the backbone folder's preprocessing (not ImageNet's, so a test sees it travel)
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
@@ -69,3 +70,30 @@ def write_run(folder: Path, backbone: Path, method: str = "vptsp-g", image_size:
             library_version=vpdml.__version__,
         )
     return model
+
+
+def train_tiny_lora(tmp_path: Path, *, layers: int, **options) -> tuple[torch.nn.Module, TrainResult, int]:
+    """Train a LoRA model (``build_model("lora", ..., **options)``) for 2 epochs on generated layouts of 16 classes
+    through ``train()``, into ``tmp_path / "run"``, its backbone saved in ``tmp_path / "backbone"``; returns the
+    model, the training result and the number of training images."""
+    from helpers.toy_images import NORMALISATION, layout_splits
+
+    splits = layout_splits(num_classes=16, per_class=4, seed=2, validation_classes=0)
+    backbone = tiny_vit(1, num_hidden_layers=layers)
+    backbone.save_pretrained(tmp_path / "backbone")
+    torch.manual_seed(1)
+    model = build_model(backbone, "lora", splits.num_train_classes, embedding_dim=16, **options)
+    model.lora_config.base_model_name_or_path = str(tmp_path / "backbone")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        method="lora",
+        epochs=2,
+        classes_per_batch=4,
+        learning_rate=1e-2,
+        image_size=32,
+        show_progress=False,
+        report_to="none",
+        recall_at=(1,),
+    )
+    result = train(model, splits, args, image_processor=NORMALISATION)
+    return model, result, len(splits.train)

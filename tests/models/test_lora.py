@@ -7,10 +7,10 @@ import torch
 from peft import PeftModel
 
 from helpers.models import tiny_vit
-from helpers.toy_images import NORMALISATION, layout_splits
+from helpers.runs import train_tiny_lora
 from vpdml import LoRADML, as_dml_model
 from vpdml.retrieval.pretrained import load_trained_model
-from vpdml.training import TrainingArguments, build_model, train
+from vpdml.training import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -91,25 +91,8 @@ def test_unknown_targets_and_options_get_clear_errors():
 
 
 def test_trains_through_the_loop_and_loads_like_any_trained_model(tmp_path):
-    splits = layout_splits(num_classes=16, per_class=4, seed=2, validation_classes=0)
-    backbone = tiny_vit(1, num_hidden_layers=2)
-    backbone.save_pretrained(tmp_path / "backbone")
-    torch.manual_seed(1)
-    model = build_model(backbone, "lora", splits.num_train_classes, embedding_dim=16, pooling="mean")
-    model.lora_config.base_model_name_or_path = str(tmp_path / "backbone")
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        method="lora",
-        epochs=2,
-        classes_per_batch=4,
-        learning_rate=1e-2,
-        image_size=32,
-        show_progress=False,
-        report_to="none",
-        recall_at=(1,),
-    )
-    result = train(model, splits, args, image_processor=NORMALISATION)
-    assert result.global_step == 2 * (len(splits.train) // 8)  # 2 epochs of batches of 4 classes x 2 images
+    model, result, train_images = train_tiny_lora(tmp_path, layers=2, pooling="mean")
+    assert result.global_step == 2 * (train_images // 8)  # 2 epochs of batches of 4 classes x 2 images
     loaded, backbone_name = load_trained_model(str(tmp_path / "run"))
     assert isinstance(loaded, LoRADML) and backbone_name == str(tmp_path / "backbone")
     test_images = torch.randn(3, 3, 32, 32)

@@ -8,10 +8,10 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from helpers.models import tiny_vit
-from helpers.toy_images import NORMALISATION, layout_splits
+from helpers.runs import train_tiny_lora
 from vpdml import LoRADML, VisualPromptDMLConfig, as_dml_model
 from vpdml.retrieval.pretrained import load_trained_model
-from vpdml.training import TrainingArguments, build_model, train
+from vpdml.training import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -58,24 +58,7 @@ def test_gradients_reach_lora_class_prompts_and_the_gru_and_keys_stay_peft_s(pix
 
 
 def test_it_trains_through_the_loop_saves_and_loads(tmp_path):
-    splits = layout_splits(num_classes=16, per_class=4, seed=2, validation_classes=0)
-    backbone = tiny_vit(1, num_hidden_layers=3)
-    backbone.save_pretrained(tmp_path / "backbone")
-    torch.manual_seed(1)
-    model = build_model(backbone, "lora", splits.num_train_classes, embedding_dim=16, **SEMANTIC)
-    model.lora_config.base_model_name_or_path = str(tmp_path / "backbone")
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        method="lora",
-        epochs=2,
-        classes_per_batch=4,
-        learning_rate=1e-2,
-        image_size=32,
-        show_progress=False,
-        report_to="none",
-        recall_at=(1,),
-    )
-    train(model, splits, args, image_processor=NORMALISATION)
+    model, _, _ = train_tiny_lora(tmp_path, layers=3, **SEMANTIC)
     assert model.proxies.semantic_seen.any()  # the proxy pass ran and updated the semantic state
     loaded, _ = load_trained_model(str(tmp_path / "run"))
     assert isinstance(loaded, LoRADML) and loaded.semantic_config.proxy_pass_layers == 2
