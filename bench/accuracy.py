@@ -78,6 +78,7 @@ class Budget:
     full_finetune_learning_rate: float = 1e-5
     lora_learning_rate: float = 1e-4
     proxy_learning_rate: float = 1e-2
+    prompt_learning_rate: float | None = None  # None: the method's learning rate
     num_prompts: int = 1
     class_prompts: int = 1
     semantic_images_per_class: int = 1
@@ -191,8 +192,14 @@ def _adapter_bytes(method: str, output_dir: Path) -> int:
 def run_one(
     method: str, seed: int, budget: Budget, options: dict[str, Any] | None = None, label: str | None = None
 ) -> dict[str, Any]:
-    """Train and evaluate one (method + config ``options``, seed); runs inside a worker subprocess."""
+    """Train and evaluate one (method + ``options``, seed); runs inside a worker subprocess. An option named like a
+    :class:`Budget` field (``prompt_learning_rate``, ``epochs``...) changes this run's budget; the others are model
+    config overrides."""
     import torch
+
+    options = dict(options or {})
+    budget_fields = {f.name for f in dataclasses.fields(Budget)} - {"seeds", "smoke"}
+    budget = dataclasses.replace(budget, **{k: options.pop(k) for k in list(options) if k in budget_fields})
 
     from vpdml.training import TrainingArguments, build_model, train
 
@@ -235,6 +242,7 @@ def run_one(
                 else budget.learning_rate
             ),
             proxy_learning_rate=budget.proxy_learning_rate,
+            prompt_learning_rate=budget.prompt_learning_rate,
             image_size=budget.image_size,
             head_warmup_epochs=budget.head_warmup_epochs,
             eval_every_epochs=0,
@@ -284,6 +292,16 @@ class Variant:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def _parse_value(value: str) -> Any:
+    """A JSON literal (number, true/false/null, list, object) where it is one, else the string itself."""
+    if value == "none":
+        return "none"
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def parse_variant(spec: str) -> Variant:
     """``LABEL=METHOD[:KEY=VALUE,...]``, e.g. ``"g-mask=vptsp-g:unseen_semantic_proxies=learnable"``."""
     label, _, rest = spec.partition("=")
@@ -295,7 +313,7 @@ def parse_variant(spec: str) -> Variant:
     options: dict[str, Any] = {}
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
-        options[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" and value != "none" else value
+        options[key] = _parse_value(value)
     return Variant(label, method, options)
 
 
@@ -419,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="LABEL=METHOD[:KEY=VALUE,...]",
-        help="an extra row: a method with config overrides, e.g. g-mask=vptsp-g:unseen_semantic_proxies=learnable",
+        help="an extra row: a method with config overrides or budget fields, e.g. "
+        "g-mask=vptsp-g:unseen_semantic_proxies=learnable or g-fast=vptsp-g:prompt_learning_rate=1e-3",
     )
     parser.add_argument(
         "--ablation",

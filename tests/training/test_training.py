@@ -26,6 +26,7 @@ from vpdml.training.checkpoints import (
     optimizer_state_to_tensors,
     resolve_checkpoint,
 )
+from vpdml.training.optim import create_optimizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -174,6 +175,7 @@ DATA_STARTED_PROXIES = {
     "unseen_semantic_proxies": "learnable",
     "proxy_mix": "normalized",
     "learnable_proxy_init": "small",
+    "prompt_init": "token_mean",
 }
 
 
@@ -369,6 +371,40 @@ def test_parameter_groups_give_proxies_their_own_rate_and_spare_tokens_from_deca
     assert all("prompts" not in n and n.endswith("weight") for n in decay)
     assert any("vpdml_prompts" in n for n in no_decay) and any("class_prompts" in n for n in no_decay)
     assert any("vpdml_bitfit" in n for n in no_decay)
+
+
+@pytest.mark.parametrize("method", ["vptsp-g", "lora"])
+def test_prompt_learning_rate_moves_prompts_and_class_prompts_at_their_own_rate(tmp_path, method):
+    options = {"semantic_proxies": "gru"} if method == "lora" else {"bitfit": True}
+    model = build_model(tiny_vit(), method, 5, **options)
+    args = tiny_args(tmp_path, learning_rate=1e-3, proxy_learning_rate=0.2, prompt_learning_rate=0.05)
+    groups = parameter_groups(model, args)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3, 0.2, 0.05]
+    prompts = sorted(names[id(p)] for p in groups[-1]["params"])
+    expected = sorted(n for n, p in model.named_parameters() if p.requires_grad and "prompts." in n)
+    assert prompts == expected and any("class_prompts" in n for n in prompts)
+    if method == "vptsp-g":
+        assert any("vpdml_prompts" in n for n in prompts)
+    # Adam's first step moves every element by its group's lr (the gradient's sign times lr, up to eps).
+    optimizer = create_optimizer(model, args)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for param in model.parameters():
+        param.grad = torch.ones_like(param) if param.requires_grad else None
+    optimizer.step()
+    moved = {
+        n: (before[n] - p.detach()).abs().max().item() for n, p in model.named_parameters() if n in before
+    }
+    assert all(moved[n] == pytest.approx(0.05, rel=1e-3) for n in prompts)
+    head = [n for n in moved if "head" in n and "proxy" not in n]
+    assert head and all(moved[n] < 2e-3 for n in head)
+
+
+def test_prompt_learning_rate_left_unset_keeps_the_prompts_in_the_shared_group(tmp_path):
+    model = tiny_model(5)
+    assert len(parameter_groups(model, tiny_args(tmp_path))) == 3  # the optimizer-state layout of older runs
+    with pytest.raises(ValueError, match="prompt_learning_rate"):
+        tiny_args(tmp_path, prompt_learning_rate=0.0)
 
 
 def test_full_fine_tuning_trains_through_the_same_loop(tmp_path):

@@ -20,6 +20,7 @@ ADAPTER_OPTIONS = (
     "num_prompts",
     "prompt_depth",
     "prompt_step",
+    "prompt_init",
     "bitfit",
     "pooling",
     "embedding_dim",

@@ -61,6 +61,14 @@ class TrainingArguments:
     proxy_learning_rate: float = field(
         default=1e-2, metadata={"help": "Learning rate of the learnable proxies O (usually 10-100x higher)."}
     )
+    prompt_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the prompt tokens (shared visual prompts and class prompts); None: "
+            "learning_rate. Prompts start small and Adam moves each by about lr per step, so short runs may "
+            "need it higher than the head's."
+        },
+    )
     weight_decay: float = field(
         default=1e-4,
         metadata={
@@ -214,8 +222,9 @@ class TrainingArguments:
             _require_number(self, name, positive=True)
         for name in ("weight_decay", "momentum"):
             _require_number(self, name, positive=False)
-        if self.max_grad_norm is not None:
-            _require_number(self, "max_grad_norm", positive=True)
+        for name in ("max_grad_norm", "prompt_learning_rate"):
+            if getattr(self, name) is not None:
+                _require_number(self, name, positive=True)
         _require_choice(self, "optimizer", ("adamw", "sgd"))
         _require_choice(self, "lr_scheduler", ("cosine", "linear", "constant"))
         _require_choice(self, "mixed_precision", ("no", "bf16", "fp16"))

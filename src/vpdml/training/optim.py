@@ -28,16 +28,27 @@ def _is_learnable_proxy(name: str) -> bool:
     return name.endswith("learnable") and ("dml_proxies." in name or name.startswith("proxies."))
 
 
+def _is_prompt(name: str) -> bool:
+    # Shared visual prompts (``...prompts.layer_3``) and class prompts (``...class_prompts.weight``, or the
+    # sparse / low-rank tables' rows, basis and codes) all live under a module whose name ends in "prompts".
+    return "prompts." in name and not _is_learnable_proxy(name)
+
+
 def parameter_groups(model: nn.Module, args: TrainingArguments) -> list[dict[str, Any]]:
     """Optimizer groups: weight matrices (``learning_rate``, ``weight_decay``), other trainable tensors
-    (``learning_rate``, no decay: biases, norms, BitFit offsets, prompts and tokens) and the learnable proxies
-    (``proxy_learning_rate``, no decay). Empty groups are left out; the order is deterministic."""
-    decay, no_decay, proxies = [], [], []
+    (``learning_rate``, no decay: biases, norms, BitFit offsets, prompts and tokens), the learnable proxies
+    (``proxy_learning_rate``, no decay) and, only when ``prompt_learning_rate`` is set, the prompt tokens
+    (``prompt_learning_rate``, no decay). Empty groups are left out; the order is deterministic, and a run
+    without ``prompt_learning_rate`` has the groups (and so the optimizer state layout) it always had."""
+    decay, no_decay, proxies, prompts = [], [], [], []
+    separate_prompts = args.prompt_learning_rate is not None
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if _is_learnable_proxy(name):
             proxies.append(param)
+        elif separate_prompts and _is_prompt(name):
+            prompts.append(param)
         elif param.ndim >= 2 and not any(marker in name for marker in _TOKEN_PARAMETER_MARKERS):
             decay.append(param)
         else:
@@ -46,6 +57,7 @@ def parameter_groups(model: nn.Module, args: TrainingArguments) -> list[dict[str
         {"params": decay, "lr": args.learning_rate, "weight_decay": args.weight_decay},
         {"params": no_decay, "lr": args.learning_rate, "weight_decay": 0.0},
         {"params": proxies, "lr": args.proxy_learning_rate, "weight_decay": 0.0},
+        {"params": prompts, "lr": args.prompt_learning_rate, "weight_decay": 0.0},
     ]
     groups = [group for group in groups if group["params"]]
     if not groups:

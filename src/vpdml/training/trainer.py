@@ -67,6 +67,7 @@ from vpdml.training.head_warmup import warm_up_head
 from vpdml.training.objective import DMLObjective
 from vpdml.training.optim import create_optimizer, create_scheduler
 from vpdml.training.outputs import push_run, write_run_outputs
+from vpdml.training.prompt_init import init_prompts_from_data
 from vpdml.training.selection import available_eval_sets, metric_row, monitor_split, selection_split
 from vpdml.training.state import TrainerState, TrainResult
 
@@ -332,6 +333,10 @@ class _Trainer:
             self.state.zero_shot_metrics = self._metrics(self._evaluate(list(self.eval_sets), zero_shot=True))
         if args.gradient_checkpointing:
             _enable_activation_checkpointing(self.dml.backbone)
+        if resume_dir is None:  # before the warm-up, which caches the features the prompts produce
+            init_prompts_from_data(
+                self.model, self.splits.train, self.eval_transform, args, accelerator=accelerator
+            )
         bank = self.dml.proxy_bank
         if (args.head_warmup_epochs or bank.needs_data_init) and resume_dir is None:
             self.state.head_warmup_losses = warm_up_head(

@@ -22,6 +22,7 @@ ProxyMix = Literal["raw", "normalized"]
 SemanticProxyInit = Literal["random", "first_pass", "class_means"]
 UnseenSemanticProxies = Literal["semantic", "learnable"]
 ProxyHeadInit = Literal["random", "embedding_head"]
+PromptInit = Literal["xavier", "token_mean"]
 
 #: Fields an ``adapter_config.json`` must hold: they fix the shapes of the saved weights (or, for ``pooling``, what
 #: the embedding reads), so a default in their place would fail later with a bare size mismatch or embed wrongly.
@@ -75,6 +76,14 @@ class VisualPromptDMLConfig(PeftConfig):
     prompt_step: int = field(
         default=0,
         metadata={"help": "Decreasing prompts: layer i gets max(N - step * i, 0) prompts (0 = constant)."},
+    )
+    prompt_init: PromptInit = field(
+        default="xavier",
+        metadata={
+            "help": "Start of the shared prompts: VPT's 'xavier' normal draw, or 'token_mean': each layer's prompts "
+            "centred on the mean patch token the frozen backbone feeds that block over a sample of training images "
+            "(set by the trainer before the head warm-up; docs/method.md)."
+        },
     )
     bitfit: bool = field(
         default=False,
@@ -313,6 +322,7 @@ class VisualPromptDMLConfig(PeftConfig):
         _check_choice(self, "semantic_proxy_init", ("random", "first_pass", "class_means"))
         _check_choice(self, "unseen_semantic_proxies", ("semantic", "learnable"))
         _check_choice(self, "proxy_head_init", ("random", "embedding_head"))
+        _check_choice(self, "prompt_init", ("xavier", "token_mean"))
         _check_range(self, "proxy_anchor_scale", 0.0, math.inf, include_low=False)
         _check_range(self, "proxy_anchor_margin", 0.0, 1.0, include_high=False)
         _check_choice(self, "proxy_anchor_positive_average", ("classes_with_positives", "all_classes"))

@@ -160,6 +160,51 @@ class VisualPromptDMLModel(BaseTuner):
         """Pooled feature of the backbone's final norm with whatever prompts are routed right now."""
         return pooled_features(self.model, self.backbone_info, pixel_values, pooling)
 
+    @torch.no_grad()
+    def mean_block_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, L, D)``: for each image, the mean patch token (prefix tokens left out) that the frozen backbone,
+        with no prompts and no BitFit offsets, feeds each of its ``L`` blocks. What ``prompt_init="token_mean"``
+        centres the prompts on."""
+        check_pixel_values(pixel_values, self.backbone_info, self.model.config)
+        info = self.backbone_info
+        means: list[torch.Tensor | None] = [None] * info.num_layers
+
+        def record(block: PromptedBlock, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            means[block.layer_index] = hidden[:, info.num_prefix_tokens :].float().mean(dim=1)
+
+        blocks = self.model.get_submodule(info.blocks_path)
+        handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
+        try:
+            with self._route(None, _no_bias_offsets):
+                self.backbone_features(pixel_values)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(mean is None for mean in means):
+            raise RuntimeError("Not every block ran: cannot take the mean token each block receives.")
+        return torch.stack(means, dim=1)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def center_prompts(self, token_means: torch.Tensor, adapter_name: str | None = None) -> None:
+        """Centre each layer's prompts on ``token_means[i]`` (``(L, D)``, see :meth:`mean_block_tokens`):
+        ``p_j <- token_means[i] + (p_j - mean_k p_k)``. One prompt becomes the mean token itself; several keep their
+        differences (their random draw), so they do not start as identical tokens that would get identical
+        gradients forever."""
+        adapter = self.resolve_adapter(adapter_name)
+        info = self.backbone_info
+        if tuple(token_means.shape) != (info.num_layers, info.hidden_size):
+            raise ValueError(
+                f"token_means must be (num_layers, hidden_size) = ({info.num_layers}, {info.hidden_size}), got "
+                f"{tuple(token_means.shape)}."
+            )
+        prompts = self.vpdml_prompts[adapter]
+        for index in range(info.num_layers):
+            layer = prompts.for_layer(index)
+            if layer is not None:
+                centred = layer - layer.mean(dim=0, keepdim=True) + token_means[index].to(layer)
+                layer.copy_(centred)
+
     def embed(
         self,
         pixel_values: torch.Tensor,
@@ -544,6 +589,10 @@ class VisualPromptDMLModel(BaseTuner):
             "trainable_total": inference + counts[TRAINING_CONTAINER],
             "backbone": sum(p.numel() for p in self.model.parameters()),
         }
+
+
+def _no_bias_offsets(canonical_name: str) -> None:
+    return None
 
 
 def _expand(prompts: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
