@@ -121,7 +121,7 @@ def test_the_trainer_starts_the_prompts_from_the_training_images_token_means(tmp
 def test_xavier_prompts_and_adapters_without_shared_prompts_are_left_alone(tmp_path):
     splits = layout_splits(num_classes=12, per_class=4, seed=2, validation_classes=0)
     _, transform = transforms_from_processor(NORMALISATION, 32)
-    xavier = build_model(tiny_vit(), "vpt", splits.num_train_classes, num_prompts=2)
+    xavier = build_model(tiny_vit(), "vpt", splits.num_train_classes, num_prompts=2, prompt_init="xavier")
     before = xavier.base_model.vpdml_prompts["default"].for_layer(0).detach().clone()
     assert not init_prompts_from_data(xavier, splits.train, transform, _args(tmp_path))
     assert torch.equal(xavier.base_model.vpdml_prompts["default"].for_layer(0), before)
@@ -129,3 +129,9 @@ def test_xavier_prompts_and_adapters_without_shared_prompts_are_left_alone(tmp_p
     assert not init_prompts_from_data(linear, splits.train, transform, _args(tmp_path))
     lora = build_model(tiny_vit(), "lora", splits.num_train_classes)
     assert not init_prompts_from_data(lora, splits.train, transform, _args(tmp_path))
+
+
+def test_every_prompt_preset_starts_from_the_token_means():
+    for method in ("vpt", "vpt-bitfit", "vptsp-m", "vptsp-g"):
+        assert vpdml.VisualPromptDMLConfig.for_method(method, num_classes=3).prompt_init == "token_mean"
+    assert vpdml.VisualPromptDMLConfig(num_classes=3).prompt_init == "xavier"  # the plain config: the paper's

@@ -32,8 +32,10 @@ REQUIRED_SAVED_FIELDS = ("num_prompts", "prompt_depth", "prompt_step", "embeddin
 #: see :class:`vpdml.FullFineTuningDML`.
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "linear": {"num_prompts": 0, "bitfit": False, "semantic_proxies": "none"},
-    "vpt": {"bitfit": False, "semantic_proxies": "none"},
-    "vpt-bitfit": {"bitfit": True, "semantic_proxies": "none"},
+    # prompt methods start their prompts at the mean token each block already receives, so the prompted backbone
+    # starts where the frozen one is instead of wherever a random draw puts it (docs/method.md)
+    "vpt": {"bitfit": False, "semantic_proxies": "none", "prompt_init": "token_mean"},
+    "vpt-bitfit": {"bitfit": True, "semantic_proxies": "none", "prompt_init": "token_mean"},
     # the proxy pass re-encodes one image per class, through the last two blocks only, from the sample pass's
     # hidden states: about 1.1x a VPT + BitFit step instead of 1.7-2x (docs/method.md, docs/benchmarks.md)
     "vptsp-m": {
@@ -41,12 +43,14 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
         "semantic_proxies": "ema",
         "proxy_pass_layers": 2,
         "semantic_images_per_class": 1,
+        "prompt_init": "token_mean",
     },
     "vptsp-g": {
         "bitfit": True,
         "semantic_proxies": "gru",
         "proxy_pass_layers": 2,
         "semantic_images_per_class": 1,
+        "prompt_init": "token_mean",
     },
 }
 
