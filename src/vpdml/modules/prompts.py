@@ -35,6 +35,7 @@ class VisualPrompts(nn.Module):
     def __init__(self, counts: list[int], hidden_size: int) -> None:
         super().__init__()
         self.counts = list(counts)
+        self.hidden_size = hidden_size
         self.prompts = nn.ParameterDict(
             {
                 f"layer_{i}": nn.Parameter(xavier_normal_prompts(n, hidden_size))
@@ -42,6 +43,21 @@ class VisualPrompts(nn.Module):
                 if n
             }
         )
+
+    @torch.no_grad()
+    def center_on(self, token_means: torch.Tensor) -> None:
+        """``p_j <- token_means[i] + (p_j - mean_k p_k)`` in every layer ``i`` (``token_means``: ``(layers, D)``).
+        One prompt becomes the mean token itself; several keep their differences (their random draw), so they do
+        not start as identical tokens that would get identical gradients forever."""
+        expected = (len(self.counts), self.hidden_size)
+        if tuple(token_means.shape) != expected:
+            raise ValueError(
+                f"token_means must be (num_layers, hidden_size) = {expected}, got {tuple(token_means.shape)}."
+            )
+        for index in range(len(self.counts)):
+            layer = self.for_layer(index)
+            if layer is not None:
+                layer.copy_(layer - layer.mean(dim=0, keepdim=True) + token_means[index].to(layer))
 
     def for_layer(self, layer_index: int) -> torch.Tensor | None:
         """The ``(n, D)`` prompts of a layer, or None when it has none."""

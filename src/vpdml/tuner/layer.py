@@ -148,3 +148,26 @@ def prompted_blocks(blocks: nn.ModuleList, router: PromptRouter) -> Iterator[Non
     finally:
         for index, block in enumerate(originals):
             blocks[index] = block
+
+
+@contextmanager
+def mean_block_inputs(blocks: nn.ModuleList, skip_tokens: int) -> Iterator[list[torch.Tensor]]:
+    """Inside the ``with``, record for each block the mean over tokens (the first ``skip_tokens`` left out) of the
+    hidden state it receives, ``(B, D)`` per block in block order; every block must run."""
+    means: list[torch.Tensor | None] = [None] * len(blocks)
+
+    def record(index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        means[index] = hidden[:, skip_tokens:].float().mean(dim=1)
+
+    handles = [
+        block.register_forward_pre_hook(lambda _, a, k, i=i: record(i, a, k), with_kwargs=True)
+        for i, block in enumerate(blocks)
+    ]
+    try:
+        yield means  # type: ignore[misc]  # filled by the pass run inside the with
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(mean is None for mean in means):
+        raise RuntimeError("Not every block ran: cannot take the mean token each block receives.")

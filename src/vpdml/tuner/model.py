@@ -40,7 +40,7 @@ from vpdml.tuner.checks import (
     check_pixel_values,
 )
 from vpdml.tuner.config import VisualPromptDMLConfig
-from vpdml.tuner.layer import PromptedBlock, PromptProvider, PromptRouter, SharedTrunk
+from vpdml.tuner.layer import PromptedBlock, PromptProvider, PromptRouter, SharedTrunk, mean_block_inputs
 from vpdml.tuner.outputs import DMLForwardOutput, DMLLossOutput
 from vpdml.tuner.peft_type import PREFIX
 
@@ -167,43 +167,16 @@ class VisualPromptDMLModel(BaseTuner):
         centres the prompts on."""
         check_pixel_values(pixel_values, self.backbone_info, self.model.config)
         info = self.backbone_info
-        means: list[torch.Tensor | None] = [None] * info.num_layers
-
-        def record(block: PromptedBlock, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            means[block.layer_index] = hidden[:, info.num_prefix_tokens :].float().mean(dim=1)
-
         blocks = self.model.get_submodule(info.blocks_path)
-        handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
-        try:
-            with self._route(None, _no_bias_offsets):
-                self.backbone_features(pixel_values)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(mean is None for mean in means):
-            raise RuntimeError("Not every block ran: cannot take the mean token each block receives.")
-        return torch.stack(means, dim=1)  # type: ignore[arg-type]
+        with mean_block_inputs(blocks, info.num_prefix_tokens) as means, self._route(None, _no_bias_offsets):
+            self.backbone_features(pixel_values)
+        return torch.stack(means, dim=1)
 
     @torch.no_grad()
     def center_prompts(self, token_means: torch.Tensor, adapter_name: str | None = None) -> None:
-        """Centre each layer's prompts on ``token_means[i]`` (``(L, D)``, see :meth:`mean_block_tokens`):
-        ``p_j <- token_means[i] + (p_j - mean_k p_k)``. One prompt becomes the mean token itself; several keep their
-        differences (their random draw), so they do not start as identical tokens that would get identical
-        gradients forever."""
-        adapter = self.resolve_adapter(adapter_name)
-        info = self.backbone_info
-        if tuple(token_means.shape) != (info.num_layers, info.hidden_size):
-            raise ValueError(
-                f"token_means must be (num_layers, hidden_size) = ({info.num_layers}, {info.hidden_size}), got "
-                f"{tuple(token_means.shape)}."
-            )
-        prompts = self.vpdml_prompts[adapter]
-        for index in range(info.num_layers):
-            layer = prompts.for_layer(index)
-            if layer is not None:
-                centred = layer - layer.mean(dim=0, keepdim=True) + token_means[index].to(layer)
-                layer.copy_(centred)
+        """Centre each layer's prompts on ``token_means[i]`` (``(L, D)``, see :meth:`mean_block_tokens` and
+        :meth:`vpdml.modules.prompts.VisualPrompts.center_on`)."""
+        self.vpdml_prompts[self.resolve_adapter(adapter_name)].center_on(token_means)
 
     def embed(
         self,
