@@ -1,8 +1,8 @@
 """``prompt_init="token_mean"``: start the shared prompts from the tokens the frozen backbone already sees.
 
 VPT's random prompts are extra tokens every patch attends to; before any training they move the frozen features
-(on the offline default, one random prompt per layer cost 0.03-0.05 zero-shot R@1, depending on the draw), and a
-short run does not repair that. A prompt equal to the mean patch token its block receives is a token the block has,
+(on the offline emoji benchmark, one random prompt per layer cost 0.016-0.039 zero-shot R@1, depending on the
+draw: bench/prompt_init.py), and a short run does not repair that. A prompt equal to the mean patch token its block receives is a token the block has,
 in effect, already seen, so the prompted backbone starts close to the frozen one (docs/method.md).
 """
 
