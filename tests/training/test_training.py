@@ -176,6 +176,7 @@ DATA_STARTED_PROXIES = {
     "proxy_mix": "normalized",
     "learnable_proxy_init": "small",
     "prompt_init": "token_mean",
+    "class_prompt_init": "token_mean",
 }
 
 

@@ -135,3 +135,73 @@ def test_every_prompt_preset_starts_from_the_token_means():
     for method in ("vpt", "vpt-bitfit", "vptsp-m", "vptsp-g"):
         assert vpdml.VisualPromptDMLConfig.for_method(method, num_classes=3).prompt_init == "token_mean"
     assert vpdml.VisualPromptDMLConfig(num_classes=3).prompt_init == "xavier"  # the plain config: the paper's
+
+
+# --- class prompts ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_class_prompt_tables_center_every_class_on_the_token_means(storage):
+    from vpdml.proxies.class_prompts import build_class_prompt_table
+
+    counts = [0, 3, 1]  # a shared-trunk layout: no class prompts in the first block
+    table = build_class_prompt_table(storage, num_classes=5, counts=counts, hidden_size=8)
+    before = table.weight.detach().clone()
+    means = torch.randn(3, 8)
+    table.center_on(means)
+    after = table.weight.detach()
+    block = before[:, 0:3]
+    torch.testing.assert_close(after[:, 0:3], means[1] + block - block.mean(dim=1, keepdim=True))
+    torch.testing.assert_close(after[:, 0:3].mean(dim=1), means[1].expand(5, 8))
+    torch.testing.assert_close(after[:, 3], means[2].expand(5, 8))  # one prompt per class: the mean itself
+    with pytest.raises(ValueError, match=r"token_means must be \(num_layers, hidden_size\) = \(3, 8\)"):
+        table.center_on(torch.zeros(2, 8))
+
+
+def test_a_low_rank_class_prompt_table_refuses_token_means():
+    from vpdml.proxies.class_prompts import build_class_prompt_table
+
+    table = build_class_prompt_table("low_rank", num_classes=5, counts=[1, 1], hidden_size=8, rank=2)
+    with pytest.raises(ValueError, match="low-rank"):
+        table.center_on(torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="class_prompt_init='token_mean' needs a dense or sparse"):
+        vpdml.VisualPromptDMLConfig(
+            num_classes=5, class_prompt_init="token_mean", class_prompt_storage="low_rank"
+        )
+    with pytest.raises(ValueError, match="class_prompt_init"):
+        vpdml.VisualPromptDMLConfig(num_classes=5, class_prompt_init="zeros")
+
+
+def test_the_trainer_starts_the_class_prompts_from_the_token_means_and_leaves_xavier_shared_prompts(tmp_path):
+    splits = layout_splits(num_classes=12, per_class=4, seed=2, validation_classes=0)
+    model = build_model(
+        tiny_vit(),
+        "vptsp-g",
+        splits.num_train_classes,
+        num_prompts=2,
+        class_prompts=2,
+        proxy_pass_layers=2,
+        prompt_init="xavier",
+        class_prompt_init="token_mean",
+    )
+    tuner = model.base_model
+    table = tuner.dml_proxies["default"].class_prompts
+    assert table.counts == [0, 2, 2]  # the proxy pass runs the last 2 of 3 blocks
+    shared_before = tuner.vpdml_prompts["default"].for_layer(0).detach().clone()
+    draw = table.weight.detach().clone()
+    _, transform = transforms_from_processor(NORMALISATION, 32)
+    pixels = torch.stack([transform(image) for image in splits.train["image"]])
+    with torch.no_grad(), model.disable_adapter():
+        means = frozen_block_inputs(tuner.model, pixels, prefix=1).mean(dim=0)
+
+    assert init_prompts_from_data(model, splits.train, transform, _args(tmp_path))
+    assert torch.equal(tuner.vpdml_prompts["default"].for_layer(0), shared_before)
+    for layer, start in ((1, 0), (2, 2)):
+        block = draw[:, start : start + 2]
+        torch.testing.assert_close(
+            table.weight[:, start : start + 2], means[layer] + block - block.mean(dim=1, keepdim=True)
+        )
+
+
+def test_class_prompt_init_is_off_unless_asked():
+    assert vpdml.VisualPromptDMLConfig(num_classes=3).class_prompt_init == "xavier"

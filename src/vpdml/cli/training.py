@@ -21,6 +21,7 @@ ADAPTER_OPTIONS = (
     "prompt_depth",
     "prompt_step",
     "prompt_init",
+    "class_prompt_init",
     "bitfit",
     "pooling",
     "embedding_dim",

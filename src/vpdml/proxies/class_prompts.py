@@ -57,6 +57,23 @@ def _offsets(counts: list[int]) -> list[int]:
     return [sum(counts[:i]) for i in range(len(counts))]
 
 
+@torch.no_grad()
+def center_table_on(
+    weight: torch.Tensor, offsets: list[int], counts: list[int], token_means: torch.Tensor
+) -> None:
+    """``q_cj <- token_means[l] + (q_cj - mean_k q_ck)`` for every class ``c`` in every layer ``l`` of a
+    ``(C, K, D)`` table: the class-prompt form of :meth:`vpdml.modules.prompts.VisualPrompts.center_on`."""
+    expected = (len(counts), weight.shape[-1])
+    if tuple(token_means.shape) != expected:
+        raise ValueError(
+            f"token_means must be (num_layers, hidden_size) = {expected}, got {tuple(token_means.shape)}."
+        )
+    for layer, (start, n) in enumerate(zip(offsets, counts, strict=True)):
+        if n:
+            block = weight[:, start : start + n]
+            block.copy_(block - block.mean(dim=1, keepdim=True) + token_means[layer].to(block))
+
+
 class ClassPromptTable(nn.Module):
     """Dense class prompts: one ``(C, sum_l m_l, D)`` table, gathered by label and split per layer."""
 
@@ -76,6 +93,10 @@ class ClassPromptTable(nn.Module):
         """Per layer, the ``(B, m_l, D)`` prompts of each sample's class (None where m_l = 0)."""
         rows = self.weight[labels]  # one gather for all layers: only the batch's rows enter the graph
         return _split_layers(rows, self.offsets, self.counts)
+
+    def center_on(self, token_means: torch.Tensor) -> None:
+        """Centre every class's prompts on ``token_means`` (``(layers, D)``): see :func:`center_table_on`."""
+        center_table_on(self.weight, self.offsets, self.counts, token_means)
 
 
 class HostResident(nn.Module):
@@ -140,6 +161,10 @@ class RowSparseClassPromptTable(HostResident):
         rows = gather_rows(self.weight, classes, labels.device)  # (U, K, D): one row per distinct class
         return _split_layers(rows[inverse], self.offsets, self.counts)
 
+    def center_on(self, token_means: torch.Tensor) -> None:
+        """Centre every class's prompts on ``token_means`` (``(layers, D)``): see :func:`center_table_on`."""
+        center_table_on(self.weight, self.offsets, self.counts, token_means)
+
     def extra_repr(self) -> str:
         classes, tokens, hidden = self.weight.shape
         return f"classes={classes}, tokens={tokens}, hidden={hidden}, offload={self.offload}"
@@ -181,6 +206,12 @@ class LowRankClassPromptTable(HostResident):
         codes = gather_rows(self.codes, classes, labels.device)  # (U, r)
         rows = (codes @ self.basis.flatten(1)).view(len(classes), *self.basis.shape[1:])
         return _split_layers(rows[inverse], self.offsets, self.counts)
+
+    def center_on(self, token_means: torch.Tensor) -> None:
+        raise ValueError(
+            "A low-rank class-prompt table cannot be centred on token means (every class's prompts are code @ basis, "
+            "with no per-class offset). Use class_prompt_storage='dense' or 'sparse' with class_prompt_init='token_mean'."
+        )
 
     def extra_repr(self) -> str:
         rank, tokens, hidden = self.basis.shape

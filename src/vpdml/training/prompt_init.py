@@ -36,7 +36,8 @@ def init_prompts_from_data(
     accelerator: Accelerator | None = None,
 ) -> bool:
     """Centre the active adapter's prompts on the mean block tokens of up to :data:`PROMPT_INIT_IMAGES` training
-    images (chosen with ``args.seed``) when its config asks for ``prompt_init="token_mean"``.
+    images (chosen with ``args.seed``): the shared prompts when its config asks for ``prompt_init="token_mean"``,
+    the class prompts when it asks for ``class_prompt_init="token_mean"``.
 
     Every process computes the same means (``embed_rows`` gathers the rows), so the prompts stay identical.
 
@@ -47,7 +48,13 @@ def init_prompts_from_data(
     if not isinstance(dml, PeftDMLModel):
         return False
     config = dml.config
-    if config.prompt_init != "token_mean" or not any(dml.tuner.vpdml_prompts[dml.adapter].counts):
+    shared = config.prompt_init == "token_mean" and any(dml.tuner.vpdml_prompts[dml.adapter].counts)
+    classes = (
+        config.class_prompt_init == "token_mean"
+        and config.uses_semantic_proxies
+        and dml.proxy_bank is not None
+    )
+    if not (shared or classes):
         return False
     count = min(len(dataset), PROMPT_INIT_IMAGES)
     rows = np.sort(np.random.default_rng(args.seed).choice(len(dataset), size=count, replace=False))
@@ -68,5 +75,9 @@ def init_prompts_from_data(
     finally:
         model.train(was_training)
     info = dml.tuner.backbone_info
-    dml.tuner.center_prompts(per_image.mean(dim=0).view(info.num_layers, info.hidden_size))
+    token_means = per_image.mean(dim=0).view(info.num_layers, info.hidden_size)
+    if shared:
+        dml.tuner.center_prompts(token_means)
+    if classes:
+        dml.proxy_bank.class_prompts.center_on(token_means)
     return True

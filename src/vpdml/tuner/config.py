@@ -130,6 +130,13 @@ class VisualPromptDMLConfig(PeftConfig):
     class_prompt_step: int = field(
         default=0, metadata={"help": "Decreasing class prompts: layer i gets max(m - step * i, 0)."}
     )
+    class_prompt_init: PromptInit = field(
+        default="xavier",
+        metadata={
+            "help": "Start of the class prompts: 'xavier' normal draw, or 'token_mean': like prompt_init, every class's "
+            "prompts centred on the frozen backbone's mean block tokens (not with class_prompt_storage='low_rank')."
+        },
+    )
     class_prompt_storage: ClassPromptStorage = field(
         default="auto",
         metadata={
@@ -305,6 +312,13 @@ class VisualPromptDMLConfig(PeftConfig):
         _check_int(self, "class_prompt_step", minimum=0)
         _check_choice(self, "class_prompt_storage", ("auto", "dense", "sparse", "low_rank"))
         _check_int(self, "class_prompt_rank", minimum=1)
+        _check_choice(self, "class_prompt_init", ("xavier", "token_mean"))
+        if self.class_prompt_init == "token_mean" and self.class_prompt_storage == "low_rank":
+            raise ValueError(
+                "VisualPromptDMLConfig.class_prompt_init='token_mean' needs a dense or sparse class-prompt table: a "
+                "low-rank table (code @ basis) cannot hold every class's prompts at one mean token. Set "
+                "class_prompt_storage to 'auto', 'dense' or 'sparse', or class_prompt_init='xavier'."
+            )
         if not isinstance(self.class_prompt_offload, bool):
             raise _field_error(self, "class_prompt_offload", "True or False")
         if self.class_prompt_offload and self.class_prompt_storage == "dense":
