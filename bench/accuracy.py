@@ -161,12 +161,12 @@ def _smoke_data(budget: Budget) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _offline_data(budget: Budget) -> tuple[Any, Any, Any]:
-    from vpdml.offline import emoji_splits, icon_splits, load_offline_backbone
+    from vpdml.offline import emoji_splits, icon_splits, kanji_splits, load_offline_backbone
     from vpdml.training import load_image_processor
 
     backbone = load_offline_backbone(num_layers=11)
     processor = load_image_processor(backbone.name_or_path)
-    splits = (icon_splits if budget.dataset == "icons" else emoji_splits)(
+    splits = {"emoji": emoji_splits, "icons": icon_splits, "kanji": kanji_splits}[budget.dataset](
         seed=budget.split_seed,
         num_train_classes=budget.train_classes,
         num_test_classes=budget.test_classes,
@@ -445,7 +445,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="the semantic-proxy ablation (VPT + BitFit, VPTSP-G and its start/mix options, docs/benchmarks.md)",
     )
-    parser.add_argument("--dataset", choices=("emoji", "icons"), help="offline benchmark (default: emoji)")
+    parser.add_argument(
+        "--dataset", choices=("emoji", "icons", "kanji"), help="offline benchmark (default: emoji)"
+    )
     parser.add_argument(
         "--reference",
         default="vpt-bitfit",

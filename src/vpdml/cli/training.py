@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 DEFAULT_BACKBONE = "google/vit-base-patch16-224-in21k"
-NAMED_DATASETS = ("cub200", "cars196", "sop", "inshop", "imagefolder", "emoji", "icons")
+NAMED_DATASETS = ("cub200", "cars196", "sop", "inshop", "imagefolder", "emoji", "icons", "kanji")
 # Recall@K conventions of the benchmarks, used when neither a recipe nor --recall-at says.
 DATASET_RECALL_AT = {"sop": (1, 10, 100, 1000), "inshop": (1, 10, 20, 30, 40, 50)}
 # Adapter options exposed as flags; the method decides semantic_proxies, the data num_classes.
@@ -141,8 +141,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--dataset",
         required=True,
         help=f"{', '.join(NAMED_DATASETS)} or a Hub dataset id with image and label columns. cub200/cars196 come "
-        "from the Hub; sop, inshop and imagefolder (one sub-folder per class) read --data-dir; emoji and icons are vpdml's "
-        "offline cross-style benchmarks.",
+        "from the Hub; sop, inshop and imagefolder (one sub-folder per class) read --data-dir; emoji, icons and kanji are "
+        "vpdml's offline cross-style benchmarks (kanji: about 28 images per class, as in CUB/Cars).",
     )
     data.add_argument("--data-dir", help="Local folder of sop, inshop or imagefolder data.")
     data.add_argument(

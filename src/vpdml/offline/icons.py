@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,8 +38,20 @@ from vpdml.data.splits import DMLSplits
 from vpdml.data.splits import select_classes as select_dataset_classes
 from vpdml.offline.cache import is_complete_build, publish_staged_dir, resolve_cache_dir
 from vpdml.offline.class_split import split_emoji_classes
-from vpdml.offline.npm import NpmPackage, OfflineDatasetError, fetch_npm_package, read_tar_members
-from vpdml.offline.rendering import png_bytes, rasterise_svg
+from vpdml.offline.npm import (
+    NpmPackage,
+    OfflineDatasetError,
+    ScopedNpmPackage,
+    fetch_npm_package,
+    read_tar_members,
+)
+from vpdml.offline.pictures import (
+    SAME_PICTURE_TOLERANCE,
+    connected_components,
+    ordered_groups,
+    same_picture_groups,
+)
+from vpdml.offline.rendering import available_cores, png_bytes, rasterise_svg
 
 if TYPE_CHECKING:
     import datasets
@@ -51,24 +63,15 @@ DEFAULT_IMAGE_SIZE = 64
 MIN_STYLES_PER_CLASS = 3
 # Pictures are compared at this size whatever size is stored, so every image size has the same classes.
 COMPARISON_SIZE = 64
-# Two pictures are the same when no pixel differs by more than this (of 255): the same outline drawn with
-# other path data differs by anti-aliasing only (up to ~60 levels at 64 px), while a real difference fills
-# whole pixels (255) and two-tone's 30%-opacity tint differs from white by 77.
-SAME_PICTURE_TOLERANCE = 64
+# SAME_PICTURE_TOLERANCE (64 of 255, from vpdml.offline.pictures): the same outline drawn with other path data
+# differs by anti-aliasing only (up to ~60 levels at 64 px), while a real difference fills whole pixels (255)
+# and two-tone's 30%-opacity tint differs from white by 77.
 # Bump when the build changes what ends up in the dataset, so that stale caches are rebuilt.
 DATASET_FORMAT_VERSION = 1
 BUILD_INFO_FILE = "vpdml_icons_build.json"
 # Below this many icons, rendering in worker processes costs more than it saves.
 MIN_ICONS_FOR_WORKERS = 256
 MAX_RENDER_WORKERS = 4
-
-
-class ScopedNpmPackage(NpmPackage):
-    """A pinned npm package whose name has a scope: ``npm pack @scope/name`` writes ``scope-name-V.tgz``."""
-
-    @property
-    def tarball_name(self) -> str:
-        return f"{self.name.removeprefix('@').replace('/', '-')}-{self.version}.tgz"
 
 
 ICON_PACKAGE = ScopedNpmPackage(
@@ -165,8 +168,7 @@ def _render_all(sources: list[IconSources], show_progress: bool) -> list[list[Re
 
     from tqdm.auto import tqdm
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, min(cores, MAX_RENDER_WORKERS))
+    workers = max(1, min(available_cores(), MAX_RENDER_WORKERS))
     progress = {"total": len(sources), "desc": "Rasterising icons", "unit": "icon", "mininterval": 1.0}
     if workers == 1 or len(sources) < MIN_ICONS_FOR_WORKERS:
         return [render_icon(item) for item in tqdm(sources, disable=not show_progress, **progress)]
@@ -177,67 +179,6 @@ def _render_all(sources: list[IconSources], show_progress: bool) -> list[list[Re
 # --------------------------------------------------------------------------------------------------
 # Which pictures are the same, which classes are kept
 # --------------------------------------------------------------------------------------------------
-
-
-def same_picture_groups(pictures: np.ndarray, tolerance: int = SAME_PICTURE_TOLERANCE) -> np.ndarray:
-    """A group id per picture (``N x H x W [x C]`` uint8): the smallest index of its connected component.
-
-    Two pictures are linked when no pixel (and channel) differs by more than ``tolerance``. Exact copies
-    are merged first; the other pairs are screened on 8 x 8 block means (a block mean cannot differ by more
-    than the pixels in it, so no pair within tolerance is missed) and then checked pixel by pixel.
-    """
-    count = len(pictures)
-    flat = pictures.reshape(count, -1)
-    first_of_digest: dict[bytes, int] = {}
-    exact = np.array([first_of_digest.setdefault(row.tobytes(), index) for index, row in enumerate(flat)])
-    unique = np.flatnonzero(exact == np.arange(count))
-    edges = [(int(exact[index]), index) for index in range(count) if exact[index] != index]
-    for left, right in _screened_pairs(_block_means(pictures[unique]), float(tolerance)):
-        difference = np.abs(flat[unique[left]].astype(np.int16) - flat[unique[right]].astype(np.int16))
-        if int(difference.max()) <= tolerance:
-            edges.append((int(unique[left]), int(unique[right])))
-    return _components(count, edges)
-
-
-def _block_means(pictures: np.ndarray, grid: int = 8) -> np.ndarray:
-    """Channel-mean pixels averaged over ``grid x grid`` blocks (all pixels when the size won't divide)."""
-    count, height, width = pictures.shape[:3]
-    grey = pictures.reshape(count, height, width, -1).mean(axis=3, dtype=np.float32)
-    if height % grid or width % grid:
-        return grey.reshape(count, -1)
-    return grey.reshape(count, grid, height // grid, grid, width // grid).mean(axis=(2, 4)).reshape(count, -1)
-
-
-def _screened_pairs(features: np.ndarray, tolerance: float, chunk: int = 512) -> list[tuple[int, int]]:
-    """Pairs ``i < j`` whose features differ by at most ``tolerance`` in every coordinate (L-infinity)."""
-    import torch
-
-    tensor = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    pairs: list[tuple[int, int]] = []
-    for start in range(0, len(tensor), chunk):
-        distances = torch.cdist(tensor[start : start + chunk], tensor, p=float("inf"))
-        rows, columns = torch.nonzero(distances <= tolerance + 1e-3, as_tuple=True)
-        rows = rows + start
-        keep = rows < columns
-        pairs.extend(zip(rows[keep].tolist(), columns[keep].tolist(), strict=True))
-    return pairs
-
-
-def _components(count: int, edges: Iterable[tuple[int, int]]) -> np.ndarray:
-    """Union-find: for each node, the smallest node of its connected component."""
-    parent = list(range(count))
-
-    def root(node: int) -> int:
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    for left, right in edges:
-        left_root, right_root = root(left), root(right)
-        if left_root != right_root:
-            parent[max(left_root, right_root)] = min(left_root, right_root)
-    return np.array([root(node) for node in range(count)], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -259,10 +200,7 @@ class IconSelection:
 
 def distinct_pictures(style_groups: dict[str, int]) -> tuple[tuple[str, ...], ...]:
     """Styles grouped by picture, in ``ICON_STYLES`` order: ``(("filled", "sharp"), ("outlined",), ...)``."""
-    by_group: dict[int, list[str]] = {}
-    for style in (style for style in ICON_STYLES if style in style_groups):
-        by_group.setdefault(style_groups[style], []).append(style)
-    return tuple(tuple(styles) for styles in by_group.values())
+    return ordered_groups(ICON_STYLES, style_groups)
 
 
 def select_icon_classes(names: Sequence[str], style_groups: Sequence[dict[str, int]]) -> IconSelection:
@@ -282,7 +220,7 @@ def select_icon_classes(names: Sequence[str], style_groups: Sequence[dict[str, i
     for position, index in enumerate(eligible):
         for group in set(style_groups[index].values()):
             edges.append((owner_of_group.setdefault(group, position), position))
-    components = _components(len(eligible), edges)
+    components = connected_components(len(eligible), edges)
     best: dict[int, int] = {}
     for position, index in enumerate(eligible):
         current = best.setdefault(int(components[position]), index)

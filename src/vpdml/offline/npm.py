@@ -39,6 +39,14 @@ class NpmPackage:
         return f"{self.name}-{self.version}.tgz"  # what `npm pack` names an unscoped package's tarball
 
 
+class ScopedNpmPackage(NpmPackage):
+    """A pinned npm package whose name has a scope: ``npm pack @scope/name`` writes ``scope-name-V.tgz``."""
+
+    @property
+    def tarball_name(self) -> str:
+        return f"{self.name.removeprefix('@').replace('/', '-')}-{self.version}.tgz"
+
+
 # --------------------------------------------------------------------------------------------------
 # npm tarballs
 # --------------------------------------------------------------------------------------------------

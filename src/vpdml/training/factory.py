@@ -11,7 +11,7 @@ from vpdml.data import load_dml_dataset
 from vpdml.models.full_finetune import FullFineTuningDML
 from vpdml.models.lora import LoRADML
 from vpdml.models.protocol import as_dml_model
-from vpdml.offline import emoji_splits, icon_splits
+from vpdml.offline import emoji_splits, icon_splits, kanji_splits
 from vpdml.training.args import METHODS
 from vpdml.tuner.config import METHOD_PRESETS, VisualPromptDMLConfig
 
@@ -86,8 +86,9 @@ def describe_method(model: nn.Module) -> str:
 
 
 def load_splits(dataset: str, data_dir: str | None, validation_classes: int | float, seed: int) -> Any:
-    """DMLSplits of a named benchmark, an image folder, a Hub dataset, or an offline benchmark (``emoji``, ``icons``)."""
-    offline = {"emoji": emoji_splits, "icons": icon_splits}
+    """DMLSplits of a named benchmark, an image folder, a Hub dataset, or an offline benchmark (``emoji``, ``icons``,
+    ``kanji``)."""
+    offline = {"emoji": emoji_splits, "icons": icon_splits, "kanji": kanji_splits}
     if dataset in offline:
         if isinstance(validation_classes, float):
             raise ValueError(f"--dataset {dataset} takes an integer --validation-classes count.")
