@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV_VAR = "VPDML_CACHE"
 
@@ -43,6 +46,30 @@ def publish_staged_dir(staging: Path, target: Path, *, replace: bool) -> None:
     except OSError:
         if not target.exists():  # lost the race to a concurrent publisher: theirs is as good as ours
             raise
+
+
+def save_dataset_build(
+    dataset: Any,
+    target: Path,
+    write_build_info: Callable[[Path], None],
+    *,
+    info_file: str,
+    format_version: int,
+    force: bool,
+) -> None:
+    """Save a built ``datasets.Dataset`` to a sibling staging dir, write its build info there (last, so that an
+    interrupted build never looks finished) and publish it at ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        dataset.save_to_disk(str(staging))
+        write_build_info(staging)
+        publish_staged_dir(
+            staging, target, replace=force or not is_complete_build(target, info_file, format_version)
+        )
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def is_complete_build(

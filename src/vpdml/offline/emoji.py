@@ -24,8 +24,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ from PIL import Image
 
 from vpdml.data.splits import DMLSplits
 from vpdml.data.splits import select_classes as select_dataset_classes
-from vpdml.offline.cache import is_complete_build, publish_staged_dir, resolve_cache_dir
+from vpdml.offline.cache import is_complete_build, resolve_cache_dir, save_dataset_build
 from vpdml.offline.class_split import split_emoji_classes
 from vpdml.offline.npm import NpmPackage, OfflineDatasetError, fetch_npm_package, read_tar_members
 from vpdml.offline.rendering import png_bytes, rasterise_svg, to_square_rgb
@@ -218,21 +216,18 @@ def ensure_emoji_dataset(
     records, classes, statistics = _build_records(tarballs, image_size, show_progress=show_progress)
     dataset = datasets.Dataset.from_dict(records, features=_features([emoji.codepoints for emoji in classes]))
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a sibling temp dir and rename, so an interrupted build never looks finished.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        dataset.save_to_disk(str(staging))
+    def write_build_info(staging: Path) -> None:  # after the save, so the build time includes it
         timings = {"fetch_s": fetched - started, "build_s": time.perf_counter() - fetched}
         _write_build_info(staging, len(classes), dataset.num_rows, image_size, timings, statistics)
-        publish_staged_dir(
-            staging,
-            target,
-            replace=force or not is_complete_build(target, BUILD_INFO_FILE, DATASET_FORMAT_VERSION),
-        )
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+
+    save_dataset_build(
+        dataset,
+        target,
+        write_build_info,
+        info_file=BUILD_INFO_FILE,
+        format_version=DATASET_FORMAT_VERSION,
+        force=force,
+    )
     return datasets.load_from_disk(str(target))
 
 

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 import time
 import zlib
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ import numpy as np
 
 from vpdml.data.splits import DMLSplits
 from vpdml.data.splits import select_classes as select_dataset_classes
-from vpdml.offline.cache import is_complete_build, publish_staged_dir, resolve_cache_dir
+from vpdml.offline.cache import is_complete_build, resolve_cache_dir, save_dataset_build
 from vpdml.offline.class_split import split_emoji_classes
 from vpdml.offline.npm import (
     NpmPackage,
@@ -284,21 +283,18 @@ def ensure_icon_dataset(
         records, features=_features([icon.name for icon in selection.classes])
     )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a sibling temp dir and rename, so an interrupted build never looks finished.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        dataset.save_to_disk(str(staging))
+    def write_build_info(staging: Path) -> None:  # after the save, so the build time includes it
         timings = {"fetch_s": fetched - started, "build_s": time.perf_counter() - fetched}
         _write_build_info(staging, dataset.num_rows, image_size, timings, selection, statistics)
-        publish_staged_dir(
-            staging,
-            target,
-            replace=force or not is_complete_build(target, BUILD_INFO_FILE, DATASET_FORMAT_VERSION),
-        )
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+
+    save_dataset_build(
+        dataset,
+        target,
+        write_build_info,
+        info_file=BUILD_INFO_FILE,
+        format_version=DATASET_FORMAT_VERSION,
+        force=force,
+    )
     return datasets.load_from_disk(str(target))
 
 
