@@ -79,6 +79,8 @@ class Budget:
     lora_learning_rate: float = 1e-4
     proxy_learning_rate: float = 1e-2
     prompt_learning_rate: float | None = None  # None: the method's learning rate
+    lr_cosine_epochs: float | None = None  # None: the cosine ends with the run
+    lr_min: float = 0.0
     num_prompts: int = 1
     class_prompts: int = 1
     semantic_images_per_class: int = 1
@@ -243,6 +245,8 @@ def run_one(
             ),
             proxy_learning_rate=budget.proxy_learning_rate,
             prompt_learning_rate=budget.prompt_learning_rate,
+            lr_cosine_epochs=budget.lr_cosine_epochs,
+            lr_min=budget.lr_min,
             image_size=budget.image_size,
             head_warmup_epochs=budget.head_warmup_epochs,
             eval_every_epochs=0,

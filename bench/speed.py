@@ -15,7 +15,8 @@ AdamW). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the worker's p
 ``semantic_images_per_class=1, proxy_pass_layers=2``). The other ``vptsp-g-*`` training rows re-encode every batch
 image unless named ``-1img`` (one per class), and run the paper's whole second pass unless named ``-lastN`` (the last
 N blocks): ``vptsp-g-whole`` is the paper's form; ``-eq``: as many class prompts as shared prompts, ``-fused``: both
-passes as one, ``-every4``: the proxy pass on every 4th step only.
+passes as one, ``-every4``: the proxy pass on every 4th step only, ``-tokensP``: the proxy pass keeps a random P% of
+each image's patch tokens.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ METHODS = (
     "vptsp-g-1img-last3",
     "vptsp-g-1img-last4",
     "vptsp-g-1img-last6",
+    "vptsp-g-1img-tokens50",
+    "vptsp-g-1img-tokens25",
     "lora",
     "full-finetune",
     "vptsp-g-embed",
@@ -59,6 +62,8 @@ PROXY_PASS_EVERY = {"vptsp-g-1img-every4": 4}
 #: ``-lastN``: the proxy pass runs through the last N blocks only, from the sample pass's hidden states
 #: (``proxy_pass_layers=N``, a shared trunk)
 LAST_BLOCKS_SUFFIX = "-last"
+#: ``-tokensP``: the proxy pass keeps a random P% of each image's patch tokens (``proxy_pass_tokens=P/100``)
+TOKENS_SUFFIX = "-tokens"
 # Forward-only rows: the frozen backbone (the floor) and embedding with a trained VPTSP-G adapter (inference:
 # shared prompts + head; class prompts and proxies are not used).
 INFERENCE_METHODS = ("frozen-forward", "vptsp-g-embed")
@@ -119,6 +124,8 @@ def _build(method: str, setting: Setting):
         # every other variant row is a form of the paper's whole second pass (the preset's trunk is `vptsp-g`)
         name = "vptsp-g"
         overrides["proxy_pass_layers"] = None
+    if TOKENS_SUFFIX in method:
+        overrides["proxy_pass_tokens"] = int(method.rsplit(TOKENS_SUFFIX, 1)[1]) / 100
     if method.startswith(
         "vptsp-g-1img-eq"
     ):  # as many class prompts as shared prompts: one fused pass possible

@@ -119,7 +119,16 @@ def test_command_line_beats_recipe_beats_defaults():
     args, adapter = training_settings(parser.parse_args([*line, "--num-prompts", "4", "--no-bitfit"]))
     assert args.learning_rate == 0.02 and args.optimizer == "sgd" and args.proxy_learning_rate == 0.1
     assert args.epochs == 15 and args.weight_decay == 1e-4  # recipe, then the library default
-    assert adapter == {"num_prompts": 4, "class_prompts": 3, "proxy_mix_alpha": 0.5, "bitfit": False}
+    assert args.lr_cosine_epochs == 50 and args.lr_min == 1e-8  # the official 50-epoch cosine
+    assert adapter == {
+        "num_prompts": 4,
+        "class_prompts": 3,
+        "proxy_mix_alpha": 0.5,
+        "gru_init": "xavier",
+        "bitfit": False,
+    }
+    args, _ = training_settings(parser.parse_args([*line, "--lr-scheduler", "linear"]))
+    assert args.lr_scheduler == "linear" and args.lr_cosine_epochs is None and args.lr_min == 0
     args, adapter = training_settings(parser.parse_args(["--dataset", "sop", "--output-dir", "out"]))
     assert args.recall_at == (1, 10, 100, 1000) and args.method == "vptsp-g" and adapter == {}
     line = ["--dataset", "cub200", "--output-dir", "o", "--recipe", "cub200", "--method", "full-finetune"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -82,3 +85,32 @@ def test_class_prompt_table_gathers_per_layer_slices():
     assert per_layer[1] is None
     torch.testing.assert_close(per_layer[0], table.weight[[2, 0], :2])
     torch.testing.assert_close(per_layer[2], table.weight[[2, 0], 2:3])
+
+
+def test_gru_official_start_is_xavier_per_gate_with_zero_biases():
+    torch.manual_seed(0)
+    dim = 256
+    official, default = GRUAccumulator(dim, init="xavier"), GRUAccumulator(dim)
+    for weight in (official.input_proj.weight, official.state_proj.weight):
+        for gate in weight.chunk(
+            3, dim=0
+        ):  # xavier on a D x D gate: U(-sqrt(3 / D), sqrt(3 / D)), variance 1 / D
+            assert gate.abs().max() <= math.sqrt(3 / dim)
+            assert gate.var().item() == pytest.approx(1 / dim, rel=0.05)
+    assert torch.count_nonzero(official.input_proj.bias) == 0
+    # nn.Linear's default: U(-1 / sqrt(D), 1 / sqrt(D)), variance 1 / (3 D), random biases
+    assert default.input_proj.weight.var().item() == pytest.approx(1 / (3 * dim), rel=0.05)
+    assert torch.count_nonzero(default.input_proj.bias) == 3 * dim
+    with pytest.raises(ValueError, match="'pytorch' or 'xavier'"):
+        GRUAccumulator(dim, init="orthogonal")
+
+
+def test_config_gru_init_reaches_the_accumulator_and_is_checked():
+    from vpdml.tuner.bank import proxy_bank_for
+    from vpdml.tuner.config import VisualPromptDMLConfig
+
+    config = VisualPromptDMLConfig(num_classes=3, gru_init="xavier", class_prompts=1)
+    bank = proxy_bank_for(config, embedding_dim=8, hidden_size=8, num_layers=2)
+    assert torch.count_nonzero(bank.accumulator.input_proj.bias) == 0
+    with pytest.raises(ValueError, match="gru_init"):
+        VisualPromptDMLConfig(num_classes=3, gru_init="glorot")

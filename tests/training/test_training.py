@@ -181,13 +181,14 @@ DATA_STARTED_PROXIES = {
 
 
 @pytest.mark.parametrize(
-    ("storage", "optimizer", "negatives", "semantic"),
+    ("storage", "optimizer", "negatives", "semantic", "schedule"),
     [
-        ("dense", "adamw", None, {}),
-        ("sparse", "adamw", None, {}),
-        ("low_rank", "sgd", None, {}),
-        ("dense", "adamw", 3, {}),
-        ("dense", "adamw", None, DATA_STARTED_PROXIES),
+        ("dense", "adamw", None, {}, {}),
+        ("sparse", "adamw", None, {}, {}),
+        # the official schedule: a cosine longer than the run, with a floor (LambdaLR over per-group factors)
+        ("low_rank", "sgd", None, {"gru_init": "xavier"}, {"lr_cosine_epochs": 5, "lr_min": 1e-3}),
+        ("dense", "adamw", 3, {}, {}),
+        ("dense", "adamw", None, DATA_STARTED_PROXIES, {}),
         (
             "dense",
             "adamw",
@@ -197,20 +198,22 @@ DATA_STARTED_PROXIES = {
                 "unseen_semantic_proxies": "learnable",
                 "proxy_pass_every": 2,
                 "proxy_pass_layers": 1,  # a shared trunk: the proxy pass continues the sample pass
+                "proxy_pass_tokens": 0.5,  # a random half of the patches: draws from the saved generator
             },
+            {},
         ),
     ],
     ids=[
         "dense-adamw",
         "row-sparse-adamw",
-        "low-rank-sgd",
+        "low-rank-sgd-official-schedule",
         "sampled-negatives-adamw",
         "data-started-proxies",
         "first-pass-sampled",
     ],
 )
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(
-    tmp_path, storage, optimizer, negatives, semantic
+    tmp_path, storage, optimizer, negatives, semantic, schedule
 ):
     splits = layout_splits(num_classes=24, per_class=4, seed=2, validation_classes=4)  # 12 train classes
     # GRU dropout makes the run depend on torch's global generator; accumulation makes checkpoints fall mid-epoch;
@@ -231,6 +234,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(
         "gradient_accumulation_steps": 2,
         "checkpoint_every_steps": 2,  # steps 2 and 4 fall mid-epoch
         "keep_checkpoints": None,
+        **schedule,
     }
 
     full_model = tiny_model(splits.num_train_classes, **config)

@@ -35,8 +35,10 @@ ADAPTER_OPTIONS = (
     "fuse_proxy_pass",
     "proxy_pass_every",
     "proxy_pass_layers",
+    "proxy_pass_tokens",
     "proxy_keep_ratio",
     "gru_dropout",
+    "gru_init",
     "proxy_mix_alpha",
     "learnable_proxy_init",
     "proxy_mix",
@@ -206,6 +208,10 @@ def training_settings(namespace: argparse.Namespace) -> tuple[Any, dict[str, Any
     if "recall_at" not in training and namespace.dataset in DATASET_RECALL_AT:
         training["recall_at"] = DATASET_RECALL_AT[namespace.dataset]
     training.update({name: given[name] for name in _training_field_names() if name in given})
+    if training.get("lr_scheduler", "cosine") != "cosine":  # a recipe's cosine shape does not apply either
+        for name in ("lr_cosine_epochs", "lr_min"):
+            if name not in given:
+                training.pop(name, None)
     adapter = dict(recipe.adapter) if recipe else {}
     if training.get("method") in ("full-finetune", "lora"):  # a recipe's prompt settings do not apply
         adapter = {}

@@ -31,6 +31,19 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
     return chosen.resolve()
 
 
+def built_dataset_dir(
+    cache_dir: str | os.PathLike[str] | None, name: str, format_version: int, image_size: int
+) -> Path:
+    """Where the offline dataset ``name`` built at ``image_size`` px is cached (whether or not it exists yet)."""
+    return resolve_cache_dir(cache_dir) / "datasets" / f"{name}-v{format_version}-{image_size}px"
+
+
+def check_image_size(image_size: object) -> None:
+    """The offline builders draw square images of 16 to 1024 px."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 16 <= image_size <= 1024:
+        raise ValueError(f"image_size must be an int pixel size in [16, 1024], got {image_size!r}.")
+
+
 def publish_staged_dir(staging: Path, target: Path, *, replace: bool) -> None:
     """Move a fully built cache entry from ``staging`` into place at ``target``.
 

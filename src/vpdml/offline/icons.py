@@ -35,7 +35,13 @@ import numpy as np
 
 from vpdml.data.splits import DMLSplits
 from vpdml.data.splits import select_classes as select_dataset_classes
-from vpdml.offline.cache import is_complete_build, resolve_cache_dir, save_dataset_build
+from vpdml.offline.cache import (
+    built_dataset_dir,
+    check_image_size,
+    is_complete_build,
+    resolve_cache_dir,
+    save_dataset_build,
+)
 from vpdml.offline.class_split import split_emoji_classes
 from vpdml.offline.npm import (
     NpmPackage,
@@ -249,7 +255,7 @@ def icon_dataset_dir(
     cache_dir: str | os.PathLike[str] | None = None, image_size: int = DEFAULT_IMAGE_SIZE
 ) -> Path:
     """Where the built dataset is cached (whether or not it exists yet)."""
-    return resolve_cache_dir(cache_dir) / "datasets" / f"icons-v{DATASET_FORMAT_VERSION}-{image_size}px"
+    return built_dataset_dir(cache_dir, "icons", DATASET_FORMAT_VERSION, image_size)
 
 
 def ensure_icon_dataset(
@@ -268,8 +274,7 @@ def ensure_icon_dataset(
     """
     import datasets
 
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 16 <= image_size <= 1024:
-        raise ValueError(f"image_size must be an int pixel size in [16, 1024], got {image_size!r}.")
+    check_image_size(image_size)
     root = resolve_cache_dir(cache_dir)
     target = icon_dataset_dir(root, image_size)
     if not force and is_complete_build(target, BUILD_INFO_FILE, DATASET_FORMAT_VERSION):

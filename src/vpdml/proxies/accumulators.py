@@ -40,11 +40,24 @@ class GRUAccumulator(nn.Module):
     Classes are stepped in parallel: step k updates every class that has a k-th sample in the batch.
     """
 
-    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, dropout: float = 0.0, init: str = "pytorch") -> None:
         super().__init__()
         self.input_proj = nn.Linear(dim, 3 * dim)  # W_z, W_r, W_h and the biases b
         self.state_proj = nn.Linear(dim, 3 * dim, bias=False)  # U_z, U_r, U_h
         self.dropout = nn.Dropout(dropout)
+        if init == "xavier":
+            self.reset_xavier()
+        elif init != "pytorch":
+            raise ValueError(f"GRUAccumulator init must be 'pytorch' or 'xavier', got {init!r}.")
+
+    @torch.no_grad()
+    def reset_xavier(self) -> None:
+        """The official start: every D x D gate matrix xavier-uniform on its own (bound sqrt(3 / D), not the
+        stacked (3D x D) matrix's sqrt(3 / 2D)), biases zero."""
+        for weight in (self.input_proj.weight, self.state_proj.weight):
+            for gate in weight.chunk(3, dim=0):
+                nn.init.xavier_uniform_(gate)
+        nn.init.zeros_(self.input_proj.bias)
 
     def cell(self, semantic: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         w_z, w_r, w_h = self.input_proj(semantic).chunk(3, dim=-1)

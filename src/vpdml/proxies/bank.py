@@ -68,6 +68,7 @@ class ProxyBank(HostResident):
         keep_ratio: float,
         gru_dropout: float,
         mix_alpha: float,
+        gru_init: str = "pytorch",
         class_prompt_storage: str = "dense",
         class_prompt_rank: int = 64,
         class_prompt_offload: bool = False,
@@ -125,7 +126,7 @@ class ProxyBank(HostResident):
         )
         self.proxy_head = EmbeddingHead(hidden_size, embedding_dim)
         self.accumulator: nn.Module = (
-            GRUAccumulator(embedding_dim, gru_dropout)
+            GRUAccumulator(embedding_dim, gru_dropout, init=gru_init)
             if semantic_proxies == "gru"
             else EMAAccumulator(keep_ratio)
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import torch
@@ -14,7 +16,7 @@ from vpdml.modules.row_sparse import (
 )
 from vpdml.training.args import TrainingArguments
 
-__all__ = ["create_optimizer", "parameter_groups"]
+__all__ = ["cosine_factor", "create_optimizer", "create_scheduler", "parameter_groups"]
 # Parameter names that hold tokens rather than weights: never weight-decayed (decay would pull them to "absent").
 _TOKEN_PARAMETER_MARKERS = ("prompts", "cls_token", "position_embeddings", "mask_token", "register_tokens")
 
@@ -85,8 +87,36 @@ def create_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=args.learning_rate)
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int) -> Any:
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int, steps_per_epoch: int
+) -> Any:
+    """transformers' schedules; a cosine with its own length or a floor is :func:`cosine_factor` per group."""
+    if args.lr_scheduler == "cosine" and (args.lr_cosine_epochs is not None or args.lr_min > 0):
+        length = total_steps
+        if args.lr_cosine_epochs is not None:
+            length = max(round(args.lr_cosine_epochs * steps_per_epoch), 1)
+        factors = [
+            functools.partial(
+                cosine_factor,
+                warmup_steps=args.warmup_steps,
+                cosine_steps=length,
+                # the official recipes' eta_min is one absolute rate for every group, so as a fraction it differs
+                floor=min(args.lr_min / group["lr"], 1.0) if group["lr"] > 0 else 0.0,
+            )
+            for group in optimizer.param_groups
+        ]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler
     return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
+
+
+def cosine_factor(step: int, *, warmup_steps: int, cosine_steps: int, floor: float) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then ``floor + (1 - floor) * (1 + cos(pi t)) / 2``
+    with ``t`` going from 0 to 1 over ``cosine_steps`` (warm-up included) and held at 1 after (PyTorch's
+    ``CosineAnnealingLR`` would climb back up)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = min((step - warmup_steps) / max(1, cosine_steps - warmup_steps), 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -346,7 +346,7 @@ class _Trainer:
         if args.torch_compile:
             compile_blocks(self.dml.backbone)
         optimizer = create_optimizer(self.model, args)
-        scheduler = create_scheduler(optimizer, args, self.state.total_steps)
+        scheduler = create_scheduler(optimizer, args, self.state.total_steps, self.steps_per_epoch)
         objective = DMLObjective(self.model)
         self.sparse_parameters = [p for p in row_sparse_parameters(self.model) if p.requires_grad]
         exclude_from_ddp(objective, self.sparse_parameters)  # DDP cannot reduce sparse gradients

@@ -27,6 +27,7 @@ def proxy_bank_for(
         class_prompt_counts=config.class_prompt_counts(num_layers),
         keep_ratio=config.proxy_keep_ratio,
         gru_dropout=config.gru_dropout,
+        gru_init=config.gru_init,
         mix_alpha=config.proxy_mix_alpha,
         class_prompt_storage=config.class_prompt_storage,
         class_prompt_rank=config.class_prompt_rank,

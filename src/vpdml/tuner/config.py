@@ -23,6 +23,7 @@ SemanticProxyInit = Literal["random", "first_pass", "class_means"]
 UnseenSemanticProxies = Literal["semantic", "learnable"]
 ProxyHeadInit = Literal["random", "embedding_head"]
 PromptInit = Literal["xavier", "token_mean"]
+GRUInit = Literal["pytorch", "xavier"]
 
 #: Fields an ``adapter_config.json`` must hold: they fix the shapes of the saved weights (or, for ``pooling``, what
 #: the embedding reads), so a default in their place would fail later with a bare size mismatch or embed wrongly.
@@ -173,6 +174,13 @@ class VisualPromptDMLConfig(PeftConfig):
             "help": "Run the proxy pass through the last N blocks only, continuing the sample pass's hidden states (None, or N >= the depth = a whole pass, as in the paper)."
         },
     )
+    proxy_pass_tokens: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of each image's patch tokens kept in the proxy pass, a fresh random subset per image and "
+            "step, in (0, 1] (None = every token, as in the paper). The sample pass always sees every token."
+        },
+    )
     fuse_proxy_pass: bool = field(
         default=True,
         metadata={
@@ -187,6 +195,13 @@ class VisualPromptDMLConfig(PeftConfig):
     )
     gru_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the GRU's new proxy state during training, in [0, 1)."}
+    )
+    gru_init: GRUInit = field(
+        default="pytorch",
+        metadata={
+            "help": "GRU weights: PyTorch's nn.Linear default, or 'xavier' (each of the six D x D matrices "
+            "xavier-uniform, zero biases: the official code)."
+        },
     )
     proxy_mix_alpha: float = field(
         default=0.5,
@@ -330,6 +345,8 @@ class VisualPromptDMLConfig(PeftConfig):
         _check_optional_int(self, "semantic_images_per_class", minimum=1)
         _check_int(self, "proxy_pass_every", minimum=1)
         _check_optional_int(self, "proxy_pass_layers", minimum=1)
+        if self.proxy_pass_tokens is not None:
+            _check_range(self, "proxy_pass_tokens", 0.0, 1.0, include_low=False)
         if not isinstance(self.fuse_proxy_pass, bool):
             raise _field_error(self, "fuse_proxy_pass", "True or False")
         _check_range(self, "proxy_keep_ratio", 0.0, 1.0, include_high=False)
@@ -340,6 +357,7 @@ class VisualPromptDMLConfig(PeftConfig):
         _check_choice(self, "semantic_proxy_init", ("random", "first_pass", "class_means"))
         _check_choice(self, "unseen_semantic_proxies", ("semantic", "learnable"))
         _check_choice(self, "proxy_head_init", ("random", "embedding_head"))
+        _check_choice(self, "gru_init", ("pytorch", "xavier"))
         _check_choice(self, "prompt_init", ("xavier", "token_mean"))
         _check_range(self, "proxy_anchor_scale", 0.0, math.inf, include_low=False)
         _check_range(self, "proxy_anchor_margin", 0.0, 1.0, include_high=False)

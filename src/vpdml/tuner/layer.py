@@ -53,12 +53,41 @@ class SharedTrunk:
         self.replaying = True
 
 
+class TokenSubset:
+    """A random share of each image's patch tokens, kept from block ``first_layer`` on (the proxy pass's first
+    computing block); the prefix tokens (CLS, distillation, registers) always stay.
+
+    Each image draws its own subset from torch's global generator, so seeded runs repeat and resumed runs (which
+    restore the generator) continue exactly. The order of the kept tokens does not matter: positions were added
+    before the first block and a ViT block is permutation-equivariant over tokens.
+    """
+
+    def __init__(self, fraction: float, num_prefix_tokens: int, first_layer: int) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"The share of patch tokens kept must be in (0, 1], got {fraction}.")
+        self.fraction = fraction
+        self.num_prefix_tokens = num_prefix_tokens
+        self.first_layer = first_layer
+
+    def keep(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = hidden_states.shape
+        patches = tokens - self.num_prefix_tokens
+        kept = max(round(self.fraction * patches), 1)
+        if kept >= patches:
+            return hidden_states
+        order = torch.rand(batch, patches, device=hidden_states.device).argsort(dim=1)[:, :kept]
+        index = (order + self.num_prefix_tokens).unsqueeze(-1).expand(-1, -1, dim)
+        chosen = hidden_states.gather(1, index)
+        return torch.cat([hidden_states[:, : self.num_prefix_tokens], chosen], dim=1)
+
+
 class PromptRouter:
     """Plain object shared by all prompted blocks of one backbone: who provides prompts right now."""
 
     def __init__(self) -> None:
         self.provider: PromptProvider | None = None
         self.trunk: SharedTrunk | None = None
+        self.token_subset: TokenSubset | None = None
 
     def prompts(self, layer_index: int, batch_size: int) -> torch.Tensor | None:
         return None if self.provider is None else self.provider(layer_index, batch_size)
@@ -71,6 +100,15 @@ class PromptRouter:
             yield
         finally:
             self.provider = previous
+
+    @contextmanager
+    def subsetting(self, subset: TokenSubset | None) -> Iterator[None]:
+        """Keep ``subset``'s share of patch tokens for the duration of one backbone pass (None: every token)."""
+        previous, self.token_subset = self.token_subset, subset
+        try:
+            yield
+        finally:
+            self.token_subset = previous
 
     @contextmanager
     def sharing(self, trunk: SharedTrunk | None) -> Iterator[None]:
@@ -99,6 +137,14 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
         self._active_adapter: str | list[str] = "default"
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        subset = self._router.token_subset
+        if subset is not None and self.layer_index == subset.first_layer:
+            if any(_is_attention_mask(value) for value in (*args, *kwargs.values())):
+                raise ValueError(
+                    "proxy_pass_tokens cannot drop tokens in a backbone whose blocks take a token-by-token "
+                    "attention mask; leave proxy_pass_tokens at None for this backbone."
+                )
+            hidden_states = subset.keep(hidden_states)
         trunk = self._router.trunk
         if trunk is None or self.layer_index >= trunk.layers:
             return self._prompted_forward(hidden_states, *args, **kwargs)
@@ -127,9 +173,13 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
         return f"vpdml.{super().__repr__()}"
 
 
+def _is_attention_mask(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-1] == value.shape[-2]
+
+
 def _pad_attention_mask(value: Any, num_prompts: int) -> Any:
     """Extend a 4-D (B, 1, T, T) attention mask so image tokens and prompts attend to each other."""
-    if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[-1] != value.shape[-2]:
+    if not _is_attention_mask(value):
         return value
     fill = True if value.dtype == torch.bool else 0.0
     return nn.functional.pad(value, (0, num_prompts, 0, num_prompts), value=fill)

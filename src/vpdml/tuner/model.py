@@ -40,7 +40,14 @@ from vpdml.tuner.checks import (
     check_pixel_values,
 )
 from vpdml.tuner.config import VisualPromptDMLConfig
-from vpdml.tuner.layer import PromptedBlock, PromptProvider, PromptRouter, SharedTrunk, mean_block_inputs
+from vpdml.tuner.layer import (
+    PromptedBlock,
+    PromptProvider,
+    PromptRouter,
+    SharedTrunk,
+    TokenSubset,
+    mean_block_inputs,
+)
 from vpdml.tuner.outputs import DMLForwardOutput, DMLLossOutput
 from vpdml.tuner.peft_type import PREFIX
 
@@ -358,7 +365,11 @@ class VisualPromptDMLModel(BaseTuner):
         def class_prompt_provider(layer_index: int, batch_size: int) -> torch.Tensor | None:
             return per_layer[layer_index]
 
-        with self._route(class_prompt_provider, adapter):
+        subset = None
+        if config.proxy_pass_tokens is not None:
+            first_layer = config.shared_trunk_layers(self.backbone_info.num_layers)
+            subset = TokenSubset(config.proxy_pass_tokens, self.backbone_info.num_prefix_tokens, first_layer)
+        with self._route(class_prompt_provider, adapter), self._router.subsetting(subset):
             features = self.backbone_features(pixel_values, config.pooling)
         return bank.proxy_head(features)
 
@@ -385,9 +396,12 @@ class VisualPromptDMLModel(BaseTuner):
         return embeddings, semantic
 
     def _can_fuse_proxy_pass(self, adapter: str, bank: ProxyBank, config: VisualPromptDMLConfig) -> bool:
-        # one pass needs one sequence length per layer: the class prompts must match the shared prompts' counts
-        return config.fuse_proxy_pass and list(bank.class_prompts.counts) == list(
-            self.vpdml_prompts[adapter].counts
+        # one pass needs one sequence length per layer: the class prompts must match the shared prompts' counts,
+        # and the proxy pass must keep every token
+        return (
+            config.fuse_proxy_pass
+            and config.proxy_pass_tokens is None
+            and list(bank.class_prompts.counts) == list(self.vpdml_prompts[adapter].counts)
         )
 
     def _fused_passes(
