@@ -46,6 +46,25 @@ def test_its_proxy_pass_is_the_prompt_tuners(pixels, labels):
     assert model.proxies.class_prompts.weight.shape == (6, 4, 32)  # 2 prompts in each of the last 2 blocks
 
 
+def test_its_token_subset_is_the_prompt_tuners(pixels, labels):
+    """``proxy_pass_tokens`` on LoRA keeps the same patches as on the prompt tuner (same generator state)."""
+    model = lora_sp(proxy_pass_tokens=0.5).train()
+    config = VisualPromptDMLConfig(
+        num_prompts=0, num_classes=6, embedding_dim=16, bitfit=False, proxy_pass_tokens=0.5, **SEMANTIC
+    )
+    tuner = get_peft_model(tiny_vit(0), config).train()
+    tuner.base_model.dml_proxies["default"].load_state_dict(model.proxies.state_dict())
+    tuner.base_model.vpdml_head["default"].load_state_dict(model.head.state_dict())
+    torch.manual_seed(3)
+    ours = model.dml_forward(pixels, labels).semantic_embeddings
+    torch.manual_seed(3)
+    theirs = tuner.dml_forward(pixels, labels).semantic_embeddings
+    torch.testing.assert_close(ours, theirs)
+    torch.manual_seed(4)  # another subset gives other vectors: the subset is in effect
+    assert not torch.allclose(model.dml_forward(pixels, labels).semantic_embeddings, ours)
+    assert model.settings["proxy_pass_tokens"] == 0.5
+
+
 def test_gradients_reach_lora_class_prompts_and_the_gru_and_keys_stay_peft_s(pixels, labels):
     model = lora_sp().train()
     keys_before = set(model.state_dict())

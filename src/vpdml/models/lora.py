@@ -22,7 +22,7 @@ from vpdml.modules.backbones import pooled_features
 from vpdml.proxies.accumulators import first_per_class
 from vpdml.tuner.bank import proxy_bank_for
 from vpdml.tuner.config import VisualPromptDMLConfig
-from vpdml.tuner.layer import PromptRouter, SharedTrunk, prompted_blocks
+from vpdml.tuner.layer import PromptRouter, SharedTrunk, TokenSubset, prompted_blocks
 from vpdml.tuner.outputs import DMLForwardOutput
 
 LORA_CONFIG_FILE = "adapter_config.json"
@@ -50,6 +50,7 @@ class LoRADML(FullFineTuningDML):
         proxy_pass_layers: int | None = 2,
         semantic_images_per_class: int | None = 1,
         proxy_mix_alpha: float = 0.5,
+        proxy_pass_tokens: float | None = None,
         **settings: Any,
     ) -> None:
         lora_target_modules = list(lora_target_modules or query_value_projections(backbone))
@@ -89,6 +90,8 @@ class LoRADML(FullFineTuningDML):
                 "semantic_images_per_class": semantic_images_per_class,
                 "proxy_mix_alpha": proxy_mix_alpha,
             }
+            if proxy_pass_tokens is not None:  # only then: earlier folders' settings stay as they were
+                semantic["proxy_pass_tokens"] = proxy_pass_tokens
             self._add_semantic_proxies(semantic)
             self.settings.update(semantic)  # only then: a plain LoRA folder's settings stay as they were
 
@@ -134,7 +137,10 @@ class LoRADML(FullFineTuningDML):
             def class_prompts(layer_index: int, batch_size: int) -> torch.Tensor | None:
                 return per_layer[layer_index]
 
-            with router.providing(class_prompts), router.sharing(trunk):
+            subset = None
+            if config.proxy_pass_tokens is not None:
+                subset = TokenSubset(config.proxy_pass_tokens, info.num_prefix_tokens, trunk_layers)
+            with router.providing(class_prompts), router.sharing(trunk), router.subsetting(subset):
                 features = pooled_features(
                     self.backbone, info, pixel_values[chosen], self.settings["pooling"]
                 )

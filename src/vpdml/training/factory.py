@@ -41,6 +41,7 @@ LORA_SEMANTIC_OPTIONS = {
     "proxy_pass_layers",
     "semantic_images_per_class",
     "proxy_mix_alpha",
+    "proxy_pass_tokens",
 }
 
 
@@ -56,7 +57,7 @@ def build_model(backbone: nn.Module, method: str, num_classes: int, **config_ove
         **config_overrides: :class:`vpdml.VisualPromptDMLConfig` fields (``num_prompts=``, ``embedding_dim=``...);
             full fine-tuning takes ``embedding_dim``, ``pooling`` and the ``proxy_anchor_*`` options, LoRA those,
             ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules`` and, for semantic proxies on
-            top of LoRA, ``semantic_proxies``, ``class_prompts``, ``proxy_pass_layers``,
+            top of LoRA, ``semantic_proxies``, ``class_prompts``, ``proxy_pass_layers``, ``proxy_pass_tokens``,
             ``semantic_images_per_class``, ``proxy_mix_alpha``.
     """
     if method in ("full-finetune", "lora"):
