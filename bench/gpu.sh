@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU speed benchmark: ViT-B/16 at 224 px, random weights, batch 64 (32 classes x 2), bf16 autocast.
 # Prints images/s and peak memory (torch.cuda.max_memory_allocated) for one training step of: linear probe,
-# VPT, VPT + BitFit, VPTSP-G (whole proxy pass over every image or one per class, fused, a shared trunk, amortised),
+# VPT, VPT + BitFit, VPTSP-G (the preset: a quarter of the patch tokens; whole proxy pass over every image or one per
+# class, fused, a shared trunk, half the tokens, amortised),
 # LoRA, full fine-tuning; plus the frozen backbone's forward
 # pass and VPTSP-G embedding throughput (inference, no gradients). Expected to take 2-5 minutes on one
 # H100/A100 (each method runs in its own process; most of the time is Python and CUDA start-up).
@@ -32,8 +33,8 @@ EOF
   "$PYTHON" bench/speed.py --device cuda --dtype bf16 --image-size 224 --classes-per-batch 32 \
     --samples-per-class 2 --hidden-size "$HIDDEN" --heads "$HEADS" --layers 12 --num-prompts 10 \
     --num-classes 100 --steps "$STEPS" --warmup 3 \
-    --methods linear vpt vpt-bitfit vptsp-g vptsp-g-1img vptsp-g-whole vptsp-g-1img-eq-fused vptsp-g-1img-last4 \
-    vptsp-g-1img-every4 lora full-finetune \
+    --methods linear vpt vpt-bitfit vptsp-g vptsp-g-1img vptsp-g-whole vptsp-g-1img-eq-fused vptsp-g-1img-last2 \
+    vptsp-g-1img-tokens50 vptsp-g-1img-every4 lora full-finetune \
     vptsp-g-embed
   echo
   "$PYTHON" bench/profile_step.py --device cuda --image-size 224 --classes-per-batch 32 \

@@ -11,10 +11,10 @@ method runs in a fresh subprocess so its peak resident memory is its own.
 embedding a batch, what retrieval costs at inference); every other row is one training step (forward, backward,
 AdamW). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the worker's peak RSS on CPU.
 
-``vptsp-g`` is the preset (its proxy pass re-encodes one image per class through the last 2 blocks:
-``semantic_images_per_class=1, proxy_pass_layers=2``). The other ``vptsp-g-*`` training rows re-encode every batch
-image unless named ``-1img`` (one per class), and run the paper's whole second pass unless named ``-lastN`` (the last
-N blocks): ``vptsp-g-whole`` is the paper's form; ``-eq``: as many class prompts as shared prompts, ``-fused``: both
+``vptsp-g`` is the preset (its proxy pass re-encodes one image per class through every block, with a random quarter
+of its patch tokens: ``semantic_images_per_class=1, proxy_pass_tokens=0.25``). The other ``vptsp-g-*`` training rows
+re-encode every batch image unless named ``-1img`` (one per class), keep every token unless named ``-tokensP``, and
+run the paper's whole second pass unless named ``-lastN`` (the last N blocks): ``vptsp-g-whole`` is the paper's form; ``-eq``: as many class prompts as shared prompts, ``-fused``: both
 passes as one, ``-every4``: the proxy pass on every 4th step only, ``-tokensP``: the proxy pass keeps a random P% of
 each image's patch tokens.
 """
@@ -45,6 +45,7 @@ METHODS = (
     "vptsp-g-1img-eq-fused",
     "vptsp-g-1img-every4",
     "vptsp-g-last2",
+    "vptsp-g-1img-last2",
     "vptsp-g-last3",
     "vptsp-g-last4",
     "vptsp-g-1img-last3",
@@ -117,13 +118,12 @@ def _build(method: str, setting: Setting):
         overrides["semantic_images_per_class"] = 1 if method.startswith("vptsp-g-1img") else None
     if method in PROXY_PASS_EVERY:
         overrides["proxy_pass_every"] = PROXY_PASS_EVERY[method]
-    if LAST_BLOCKS_SUFFIX in method:
-        name = "vptsp-g"
-        overrides["proxy_pass_layers"] = int(method.rsplit(LAST_BLOCKS_SUFFIX, 1)[1])
-    elif method.startswith("vptsp-g-") and method != "vptsp-g-embed":
-        # every other variant row is a form of the paper's whole second pass (the preset's trunk is `vptsp-g`)
-        name = "vptsp-g"
+    if method.startswith("vptsp-g-") and method != "vptsp-g-embed":
+        # variant rows keep every token unless they say `-tokensP`, and run a whole second pass unless `-lastN`
+        overrides["proxy_pass_tokens"] = None
         overrides["proxy_pass_layers"] = None
+    if LAST_BLOCKS_SUFFIX in method:
+        overrides["proxy_pass_layers"] = int(method.rsplit(LAST_BLOCKS_SUFFIX, 1)[1])
     if TOKENS_SUFFIX in method:
         overrides["proxy_pass_tokens"] = int(method.rsplit(TOKENS_SUFFIX, 1)[1]) / 100
     if method.startswith(

@@ -67,7 +67,7 @@ def test_only_the_proxy_pass_blocks_see_fewer_tokens(pixels, labels, layers, fir
 
 def test_keeping_every_token_is_the_plain_proxy_pass(pixels, labels):
     every = vptsp_g(proxy_pass_tokens=1.0).train()
-    plain = vptsp_g(fuse_proxy_pass=False).train()
+    plain = vptsp_g(fuse_proxy_pass=False, proxy_pass_tokens=None).train()
     plain.base_model.load_state_dict(every.base_model.state_dict())
     out_every, out_plain = every.dml_forward(pixels, labels), plain.dml_forward(pixels, labels)
     torch.testing.assert_close(out_every.semantic_embeddings, out_plain.semantic_embeddings)
