@@ -55,6 +55,7 @@ SCRIPT = textwrap.dedent(
         bitfit=True,
         class_prompt_storage=sys.argv[2],
         proxy_negatives=None if sys.argv[3] == "all" else int(sys.argv[3]),
+        proxy_pass_tokens=None if sys.argv[4] == "all" else float(sys.argv[4]),
     )
     args = TrainingArguments(
         output_dir=str(out), epochs=2, classes_per_batch=4, samples_per_class=2, learning_rate=1e-2,
@@ -81,16 +82,25 @@ def run(command: list[str], cwd: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize(("storage", "negatives"), [("dense", "all"), ("sparse", "all"), ("dense", "5")])
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, storage, negatives):
+@pytest.mark.parametrize(
+    ("storage", "negatives", "tokens"),
+    [("dense", "all", "all"), ("sparse", "all", "all"), ("dense", "5", "all"), ("dense", "all", "0.25")],
+)
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, storage, negatives, tokens):
     """``sparse`` class prompts have row-sparse gradients, which bypass DDP and are all-gathered by vpdml. With 5
     sampled negatives (of the 16 classes outside a batch) the learnable proxies are row-sparse too, and every process
-    must draw the one-process run's sample from the global batch's classes."""
+    must draw the one-process run's sample from the global batch's classes. A token subset in the proxy pass draws
+    per (seed, micro-step, rank), so two processes draw other subsets than one: there only the ranks must agree."""
     script = tmp_path / "train_tiny.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
-    run([sys.executable, str(script), str(tmp_path / "one"), storage, negatives], tmp_path)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run([*launcher, str(script), str(tmp_path / "two"), storage, negatives], tmp_path)
+    run([*launcher, str(script), str(tmp_path / "two"), storage, negatives, tokens], tmp_path)
+    if tokens != "all":
+        rank0, rank1 = (load_file(str(tmp_path / f"two/rank{rank}.safetensors")) for rank in (0, 1))
+        for key in rank0:
+            assert torch.equal(rank0[key], rank1[key]), key
+        return
+    run([sys.executable, str(script), str(tmp_path / "one"), storage, negatives, tokens], tmp_path)
 
     reports = {
         name: json.loads((tmp_path / name).read_text()) for name in ("one/rank0.json", "two/rank0.json")
