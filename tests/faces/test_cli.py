@@ -129,6 +129,20 @@ def test_command_line_beats_recipe_beats_defaults():
     }
     args, _ = training_settings(parser.parse_args([*line, "--lr-scheduler", "linear"]))
     assert args.lr_scheduler == "linear" and args.lr_cosine_epochs is None and args.lr_min == 0
+    # an optional number takes "none": the paper's proxy pass over every image and token with the vptsp-g preset
+    paper = [
+        "--proxy-pass-tokens",
+        "none",
+        "--semantic-images-per-class",
+        "None",
+        "--proxy-pass-layers",
+        "none",
+    ]
+    _, adapter = training_settings(parser.parse_args([*line, *paper]))
+    assert adapter["proxy_pass_tokens"] is None and adapter["semantic_images_per_class"] is None
+    assert adapter["proxy_pass_layers"] is None
+    with pytest.raises(SystemExit):
+        parser.parse_args([*line, "--proxy-pass-tokens", "half"])
     args, adapter = training_settings(parser.parse_args(["--dataset", "sop", "--output-dir", "out"]))
     assert args.recall_at == (1, 10, 100, 1000) and args.method == "vptsp-g" and adapter == {}
     line = ["--dataset", "cub200", "--output-dir", "o", "--recipe", "cub200", "--method", "full-finetune"]

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,8 +67,20 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
+def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type of an optional field: ``none`` gives None (e.g. ``--proxy-pass-tokens none``: every token)."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its error messages
+    return parse
+
+
 def _flag_kwargs(annotation: Any) -> dict[str, Any]:
-    """argparse keyword arguments for a field type: bool, int, float, str, Literal, tuple[...]."""
+    """argparse keyword arguments for a field type: bool, int, float, str, Literal, tuple[...]; an optional int or
+    float also takes ``none``."""
+    optional = _unwrap_optional(annotation) is not annotation
     annotation = _unwrap_optional(annotation)
     origin = typing.get_origin(annotation)
     if annotation is bool:
@@ -80,6 +92,8 @@ def _flag_kwargs(annotation: Any) -> dict[str, Any]:
         members = typing.get_args(annotation)
         count = "+" if len(members) == 2 and members[1] is Ellipsis else len(members)
         return {"nargs": count, "type": members[0], "metavar": members[0].__name__.upper()}
+    if annotation in (int, float) and optional:
+        return {"type": _none_or(annotation)}
     if annotation in (int, float, str):
         return {"type": annotation}
     raise TypeError(f"No command-line form for fields of type {annotation!r}.")
