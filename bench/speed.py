@@ -113,15 +113,14 @@ def _build(method: str, setting: Setting):
         return vpdml.LoRADML(backbone, num_classes=setting.num_classes)
     name, overrides = method, {}
     if method.startswith("vptsp-g-") and method != "vptsp-g-embed":
-        # variant rows re-encode every image unless they say `-1img` (the preset re-encodes one per class)
+        # variant rows re-encode every image unless they say `-1img` (the preset re-encodes one per class), keep
+        # every token unless `-tokensP`, and run a whole second pass unless `-lastN`
         name = "vptsp-g"
         overrides["semantic_images_per_class"] = 1 if method.startswith("vptsp-g-1img") else None
-    if method in PROXY_PASS_EVERY:
-        overrides["proxy_pass_every"] = PROXY_PASS_EVERY[method]
-    if method.startswith("vptsp-g-") and method != "vptsp-g-embed":
-        # variant rows keep every token unless they say `-tokensP`, and run a whole second pass unless `-lastN`
         overrides["proxy_pass_tokens"] = None
         overrides["proxy_pass_layers"] = None
+    if method in PROXY_PASS_EVERY:
+        overrides["proxy_pass_every"] = PROXY_PASS_EVERY[method]
     if LAST_BLOCKS_SUFFIX in method:
         overrides["proxy_pass_layers"] = int(method.rsplit(LAST_BLOCKS_SUFFIX, 1)[1])
     if TOKENS_SUFFIX in method:

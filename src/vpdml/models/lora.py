@@ -20,9 +20,9 @@ from vpdml.atomic_io import atomic_save_safetensors, load_safetensors_file
 from vpdml.models.full_finetune import FullFineTuningDML, read_settings
 from vpdml.modules.backbones import pooled_features
 from vpdml.proxies.accumulators import first_per_class
-from vpdml.tuner.bank import proxy_bank_for
+from vpdml.tuner.bank import proxy_bank_for, proxy_token_subset
 from vpdml.tuner.config import VisualPromptDMLConfig
-from vpdml.tuner.layer import PromptRouter, SharedTrunk, TokenSubset, prompted_blocks
+from vpdml.tuner.layer import PromptRouter, SharedTrunk, prompted_blocks
 from vpdml.tuner.outputs import DMLForwardOutput
 
 LORA_CONFIG_FILE = "adapter_config.json"
@@ -137,9 +137,7 @@ class LoRADML(FullFineTuningDML):
             def class_prompts(layer_index: int, batch_size: int) -> torch.Tensor | None:
                 return per_layer[layer_index]
 
-            subset = None
-            if config.proxy_pass_tokens is not None:
-                subset = TokenSubset(config.proxy_pass_tokens, info.num_prefix_tokens, trunk_layers)
+            subset = proxy_token_subset(config, info)
             with router.providing(class_prompts), router.sharing(trunk), router.subsetting(subset):
                 features = pooled_features(
                     self.backbone, info, pixel_values[chosen], self.settings["pooling"]

@@ -6,8 +6,10 @@ Shared by the prompt tuner and by models that reuse its semantic proxies on anot
 
 from __future__ import annotations
 
+from vpdml.modules.backbones import BackboneInfo
 from vpdml.proxies.bank import ProxyBank
 from vpdml.tuner.config import VisualPromptDMLConfig
+from vpdml.tuner.layer import TokenSubset
 
 
 def proxy_bank_for(
@@ -41,3 +43,12 @@ def proxy_bank_for(
         proxy_head_init=config.proxy_head_init,
         proxy_pass_every=config.proxy_pass_every,
     )
+
+
+def proxy_token_subset(config: VisualPromptDMLConfig, info: BackboneInfo) -> TokenSubset | None:
+    """The proxy pass's token subset (``config.proxy_pass_tokens``) from its first computing block on; None keeps
+    every token."""
+    if config.proxy_pass_tokens is None:
+        return None
+    first_layer = config.shared_trunk_layers(info.num_layers)
+    return TokenSubset(config.proxy_pass_tokens, info.num_prefix_tokens, first_layer)

@@ -95,30 +95,30 @@ class PromptRouter:
     @contextmanager
     def providing(self, provider: PromptProvider | None) -> Iterator[None]:
         """Route ``provider``'s prompts (None: no prompts) for the duration of a ``with``."""
-        previous, self.provider = self.provider, provider
-        try:
+        with self._setting("provider", provider):
             yield
-        finally:
-            self.provider = previous
 
     @contextmanager
     def subsetting(self, subset: TokenSubset | None) -> Iterator[None]:
         """Keep ``subset``'s share of patch tokens for the duration of one backbone pass (None: every token)."""
-        previous, self.token_subset = self.token_subset, subset
-        try:
+        with self._setting("token_subset", subset):
             yield
-        finally:
-            self.token_subset = previous
 
     @contextmanager
     def sharing(self, trunk: SharedTrunk | None) -> Iterator[None]:
         """Record (sample pass) or replay (proxy pass) ``trunk`` for the duration of one backbone pass (None: every
         block computes)."""
-        previous, self.trunk = self.trunk, trunk
+        with self._setting("trunk", trunk):
+            yield
+
+    @contextmanager
+    def _setting(self, name: str, value: Any) -> Iterator[None]:
+        previous = getattr(self, name)
+        setattr(self, name, value)
         try:
             yield
         finally:
-            self.trunk = previous
+            setattr(self, name, previous)
 
 
 class PromptedBlock(nn.Module, BaseTunerLayer):

@@ -32,7 +32,7 @@ from vpdml.modules.prompts import VisualPrompts, prompt_schedule
 from vpdml.proxies.accumulators import first_per_class
 from vpdml.proxies.bank import ProxyBank
 from vpdml.proxies.loss import proxy_loss
-from vpdml.tuner.bank import proxy_bank_for
+from vpdml.tuner.bank import proxy_bank_for, proxy_token_subset
 from vpdml.tuner.checks import (
     check_adapter_tensors,
     check_backbone_signature,
@@ -45,7 +45,6 @@ from vpdml.tuner.layer import (
     PromptProvider,
     PromptRouter,
     SharedTrunk,
-    TokenSubset,
     mean_block_inputs,
 )
 from vpdml.tuner.outputs import DMLForwardOutput, DMLLossOutput
@@ -365,10 +364,7 @@ class VisualPromptDMLModel(BaseTuner):
         def class_prompt_provider(layer_index: int, batch_size: int) -> torch.Tensor | None:
             return per_layer[layer_index]
 
-        subset = None
-        if config.proxy_pass_tokens is not None:
-            first_layer = config.shared_trunk_layers(self.backbone_info.num_layers)
-            subset = TokenSubset(config.proxy_pass_tokens, self.backbone_info.num_prefix_tokens, first_layer)
+        subset = proxy_token_subset(config, self.backbone_info)
         with self._route(class_prompt_provider, adapter), self._router.subsetting(subset):
             features = self.backbone_features(pixel_values, config.pooling)
         return bank.proxy_head(features)
