@@ -16,7 +16,9 @@ of its patch tokens: ``semantic_images_per_class=1, proxy_pass_tokens=0.25``). T
 re-encode every batch image unless named ``-1img`` (one per class), keep every token unless named ``-tokensP``, and
 run the paper's whole second pass unless named ``-lastN`` (the last N blocks): ``vptsp-g-whole`` is the paper's form; ``-eq``: as many class prompts as shared prompts, ``-fused``: both
 passes as one, ``-every4``: the proxy pass on every 4th step only, ``-tokensP``: the proxy pass keeps a random P% of
-each image's patch tokens.
+each image's patch tokens. Prompts enter each block's attention as keys and values only (vpdml's default); a
+``-fulltokens`` row makes them full tokens whose outputs every block computes and drops, as the official code does:
+``vptsp-g-whole-fulltokens`` is the official VPTSP-G step's shape and cost.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ METHODS = (
     "lora",
     "full-finetune",
     "vptsp-g-embed",
+    "vpt-bitfit-fulltokens",
+    "vptsp-g-fulltokens",
+    "vptsp-g-whole-fulltokens",
+    "vptsp-g-embed-fulltokens",
 )
 #: proxy pass on every k-th step only (``proxy_pass_every``): such a method is timed over whole k-step cycles, by the
 #: mean step (a median would pick the cheap steps)
@@ -65,9 +71,12 @@ PROXY_PASS_EVERY = {"vptsp-g-1img-every4": 4}
 LAST_BLOCKS_SUFFIX = "-last"
 #: ``-tokensP``: the proxy pass keeps a random P% of each image's patch tokens (``proxy_pass_tokens=P/100``)
 TOKENS_SUFFIX = "-tokens"
+#: ``-fulltokens``: prompts are full tokens whose outputs every block computes and drops, as in the official code
+#: (``prompts_as_keys = False``); without it they enter attention as keys and values only
+FULL_TOKENS_SUFFIX = "-fulltokens"
 # Forward-only rows: the frozen backbone (the floor) and embedding with a trained VPTSP-G adapter (inference:
 # shared prompts + head; class prompts and proxies are not used).
-INFERENCE_METHODS = ("frozen-forward", "vptsp-g-embed")
+INFERENCE_METHODS = ("frozen-forward", "vptsp-g-embed", "vptsp-g-embed-fulltokens")
 
 
 @dataclass
@@ -88,6 +97,13 @@ class Setting:
 
 
 def _build(method: str, setting: Setting):
+    model = _build_model(method.removesuffix(FULL_TOKENS_SUFFIX), setting)
+    if method.endswith(FULL_TOKENS_SUFFIX):
+        model.base_model.prompts_as_keys = False
+    return model
+
+
+def _build_model(method: str, setting: Setting):
     import torch
     from peft import get_peft_model
     from transformers import ViTConfig, ViTModel
@@ -167,7 +183,7 @@ def make_step(method: str, setting: Setting) -> tuple[Callable[[], None], list]:
                 with torch.no_grad():
                     model(pixel_values=pixels)
                 return
-            if method == "vptsp-g-embed":
+            if method.startswith("vptsp-g-embed"):
                 with torch.no_grad():
                     model.embed(pixels)
                 return

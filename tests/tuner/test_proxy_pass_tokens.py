@@ -54,14 +54,12 @@ def test_only_the_proxy_pass_blocks_see_fewer_tokens(pixels, labels, layers, fir
             lambda module, args, index=index: seen.append((index, *args[0].shape[:2]))
         )
     model.dml_loss(pixels, labels).backward()
-    tokens = seen[0][2] - 2  # the sample pass: image tokens + 2 prompts
-    patches = tokens - 1
+    patches = (32 // 8) ** 2  # the tiny ViT's 32 px images in 8 px patches
     sample, proxy = seen[:3], seen[3:]
-    assert sample == [
-        (i, 4, tokens + 2) for i in range(3)
-    ]  # the sample pass is not fused: it keeps every token
-    # one image per class (the preset), CLS + half the patches + 2 class prompts, in the blocks the pass runs
-    assert proxy == [(i, 2, 1 + round(0.5 * patches) + 2) for i in range(first, 3)]
+    # a block runs on the image tokens (the prompts enter its attention as keys): the sample pass keeps every one
+    assert sample == [(i, 4, 1 + patches) for i in range(3)]
+    # one image per class (the preset), CLS + half the patches, in the blocks the pass runs
+    assert proxy == [(i, 2, 1 + round(0.5 * patches)) for i in range(first, 3)]
     assert model.base_model.dml_proxies["default"].class_prompts.weight.grad.abs().sum() > 0
 
 

@@ -326,7 +326,11 @@ def test_fused_proxy_pass_equals_two_passes(kind, semantic, per_class, storage, 
     torch.testing.assert_close(fused.semantic_embeddings, separate.semantic_embeddings, rtol=1e-5, atol=1e-6)
     assert fused_grads.keys() == separate_grads.keys() and len(fused_grads) > 3
     for name in fused_grads:
-        torch.testing.assert_close(fused_grads[name], separate_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        # float rounding grows with the gradient: a tolerance relative to the tensor's largest entry
+        scale = max(1.0, separate_grads[name].abs().max().item())
+        torch.testing.assert_close(
+            fused_grads[name], separate_grads[name], rtol=1e-4, atol=1e-6 * scale, msg=name
+        )
     for name in fused_state:
         torch.testing.assert_close(fused_state[name], separate_state[name], rtol=1e-5, atol=1e-6, msg=name)
 

@@ -190,6 +190,17 @@ def biased_modules(model: nn.Module, info: BackboneInfo) -> dict[str, nn.Module]
     return found
 
 
+def block_part_paths(block: nn.Module) -> dict[str, str]:
+    """Canonical part name (``attn_q``, ``norm1``...) -> its path inside one transformer block, for every part the
+    supported layouts name, whether or not it has a bias (a tuner layer's ``base_layer`` hop is skipped)."""
+    found: dict[str, str] = {}
+    for raw_path, _ in block.named_modules():
+        canonical = _BLOCK_BIAS_ALIASES.get(raw_path.replace(".base_layer", ""))
+        if canonical is not None and canonical not in found:
+            found[canonical] = raw_path
+    return found
+
+
 def pooled_features(
     model: nn.Module, info: BackboneInfo, pixel_values: torch.Tensor, pooling: str
 ) -> torch.Tensor:

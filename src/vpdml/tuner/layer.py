@@ -2,14 +2,18 @@
 
 Each wrapped block asks a shared :class:`PromptRouter` which prompts to use for the current forward pass:
 the active adapter's shared prompts (embedding), the batch's class prompts (semantic-proxy pass), or none
-(adapter disabled). The prompts are appended after the image tokens and their outputs are dropped after the
-block, so every layer gets fresh prompts (VPT-deep). Appending rather than inserting after CLS is exact: a ViT
-block is permutation-equivariant over tokens (positions were added before the first block, there is no causal
-mask), and slicing the image tokens back out is a view, not a copy.
+(adapter disabled). Every layer gets fresh prompts and their outputs are dropped after the block (VPT-deep), so
+by default a block runs on the image tokens alone and the prompts enter its attention as keys and values only
+(:mod:`vpdml.tuner.prompt_keys`). Where that does not apply (a transformers 4.x block, an attention mask,
+attention dropout in training, hooks on the attention module) or when ``PromptRouter.prompts_as_keys`` is off,
+the prompts are appended after the image tokens and sliced off after the block. Appending rather than inserting
+after CLS is exact: a ViT block is permutation-equivariant over tokens (positions were added before the first
+block, there is no causal mask).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +21,8 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from vpdml.tuner.prompt_keys import PROMPT_TOKENS_KWARG, unwrap_attention, wrap_attention
 
 #: ``provider(layer_index, batch_size) -> (B, n, D) prompts or None``.
 PromptProvider = Callable[[int, int], "torch.Tensor | None"]
@@ -88,6 +94,9 @@ class PromptRouter:
         self.provider: PromptProvider | None = None
         self.trunk: SharedTrunk | None = None
         self.token_subset: TokenSubset | None = None
+        #: prompts enter attention as keys and values only (False: they are full tokens whose outputs every block
+        #: computes and drops, as in VPT's and the official VPTSP code; same result up to float rounding)
+        self.prompts_as_keys = True
 
     def prompts(self, layer_index: int, batch_size: int) -> torch.Tensor | None:
         return None if self.provider is None else self.provider(layer_index, batch_size)
@@ -135,6 +144,15 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter: str | list[str] = "default"
+        # kept out of nn.Module's registry: the wrapper already sits in the block's own module tree
+        self.__dict__["_prompt_keys"] = wrap_attention(base_layer)
+
+    def release(self) -> nn.Module:
+        """The wrapped block with its own attention module back in place."""
+        if self._prompt_keys is not None:
+            unwrap_attention(self.base_layer, self._prompt_keys)
+            self.__dict__["_prompt_keys"] = None
+        return self.base_layer
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         subset = self._router.token_subset
@@ -160,6 +178,10 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
         )
         if prompts is None or prompts.shape[1] == 0:
             return self.base_layer(hidden_states, *args, **kwargs)
+        if self._takes_prompts_as_keys(args, kwargs):
+            output = self._forward_with_prompt_keys(hidden_states, prompts, *args, **kwargs)
+            if output is not None:
+                return output
         num_tokens = hidden_states.shape[1]
         extended = torch.cat([hidden_states, prompts.to(hidden_states.dtype)], dim=1)
         args = tuple(_pad_attention_mask(a, prompts.shape[1]) for a in args)
@@ -168,6 +190,37 @@ class PromptedBlock(nn.Module, BaseTunerLayer):
         if isinstance(output, tuple):
             return (output[0][:, :num_tokens], *output[1:])
         return output[:, :num_tokens]
+
+    def _takes_prompts_as_keys(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        wrapper = self._prompt_keys
+        if wrapper is None or not self._router.prompts_as_keys:
+            return False
+        if any(_is_attention_mask(value) for value in (*args, *kwargs.values())):
+            return False  # a token-by-token mask would need the prompts' rows
+        return not (wrapper.dropout_is_active() or wrapper.is_observed())
+
+    def _forward_with_prompt_keys(
+        self, hidden_states: torch.Tensor, prompts: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        """The block on the image tokens, the prompts its attention's extra keys; None if the block did not hand
+        the prompts on to its attention (then this block uses the full path from now on)."""
+        wrapper = self._prompt_keys
+        assert wrapper is not None
+        if prompts.shape[0] > 1 and prompts.stride(0) == 0:
+            prompts = prompts[:1]  # one adapter's prompts for the whole batch: their keys once, not per image
+        normed = self.base_layer.get_submodule(wrapper.layout.norm)(prompts.to(hidden_states.dtype))
+        calls = wrapper.prompted_calls
+        output = self.base_layer(hidden_states, *args, **{PROMPT_TOKENS_KWARG: normed}, **kwargs)
+        compiled = getattr(self.base_layer, "_compiled_call_impl", None) is not None  # its count stays put
+        if wrapper.prompted_calls > calls or compiled:
+            return output
+        self.release()
+        warnings.warn(
+            f"Block {self.layer_index} ({type(self.base_layer).__name__}) did not pass vpdml's prompts on to its "
+            "attention; it now runs the prompts as full tokens (same result, more compute).",
+            stacklevel=3,
+        )
+        return None
 
     def __repr__(self) -> str:
         return f"vpdml.{super().__repr__()}"
@@ -190,14 +243,14 @@ def prompted_blocks(blocks: nn.ModuleList, router: PromptRouter) -> Iterator[Non
     """Route prompts through ``blocks`` for the duration of a ``with``: each block is wrapped in a
     :class:`PromptedBlock` and put back afterwards, so the module tree and its state-dict keys stay the model's
     own (for models that are not the prompt tuner, e.g. :class:`vpdml.LoRADML` with semantic proxies)."""
-    originals = list(blocks)
-    for index, block in enumerate(originals):
-        blocks[index] = PromptedBlock(block, index, router)
+    wrapped = [PromptedBlock(block, index, router) for index, block in enumerate(blocks)]
+    for index, block in enumerate(wrapped):
+        blocks[index] = block
     try:
         yield
     finally:
-        for index, block in enumerate(originals):
-            blocks[index] = block
+        for index, block in enumerate(wrapped):
+            blocks[index] = block.release()
 
 
 @contextmanager

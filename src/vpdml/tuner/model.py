@@ -161,6 +161,16 @@ class VisualPromptDMLModel(BaseTuner):
         finally:
             self._bias_adapter = previous
 
+    @property
+    def prompts_as_keys(self) -> bool:
+        """True (default): prompts enter each block's attention as keys and values only. False: they are full tokens
+        whose outputs every block computes and drops, as in the official code (same result, more compute)."""
+        return self._router.prompts_as_keys
+
+    @prompts_as_keys.setter
+    def prompts_as_keys(self, enabled: bool) -> None:
+        self._router.prompts_as_keys = bool(enabled)
+
     # ----------------------------------------------------------------------------------------------- embedding
     def backbone_features(self, pixel_values: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
         """Pooled feature of the backbone's final norm with whatever prompts are routed right now."""
@@ -494,7 +504,7 @@ class VisualPromptDMLModel(BaseTuner):
         blocks = self.model.get_submodule(self.backbone_info.blocks_path)
         for index, block in enumerate(blocks):
             if isinstance(block, PromptedBlock):
-                blocks[index] = block.base_layer
+                blocks[index] = block.release()
         return self.model
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
