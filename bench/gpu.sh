@@ -4,8 +4,10 @@
 # VPT, VPT + BitFit, VPTSP-G (the preset: a quarter of the patch tokens; whole proxy pass over every image or one per
 # class, fused, a shared trunk, half the tokens, amortised),
 # LoRA, full fine-tuning; plus the frozen backbone's forward
-# pass and VPTSP-G embedding throughput (inference, no gradients). Expected to take 2-5 minutes on one
-# H100/A100 (each method runs in its own process; most of the time is Python and CUDA start-up).
+# pass and VPTSP-G embedding throughput (inference, no gradients). The `-fulltokens` rows run the prompts as full
+# tokens, as the official code does (`vptsp-g-whole-fulltokens` is the official VPTSP-G step's shape).
+# Expected to take 2-5 minutes on one H100/A100 (each method runs in its own process; most of the time is Python
+# and CUDA start-up).
 #
 #   bash bench/gpu.sh                 # writes bench/results/gpu_<date>.md as well as printing
 #   STEPS=20 bash bench/gpu.sh        # more timed steps
@@ -35,7 +37,7 @@ EOF
     --num-classes 100 --steps "$STEPS" --warmup 3 \
     --methods linear vpt vpt-bitfit vptsp-g vptsp-g-1img vptsp-g-whole vptsp-g-1img-eq-fused vptsp-g-1img-last2 \
     vptsp-g-1img-tokens50 vptsp-g-1img-every4 lora full-finetune \
-    vptsp-g-embed
+    vptsp-g-embed vpt-bitfit-fulltokens vptsp-g-whole-fulltokens vptsp-g-embed-fulltokens
   echo
   "$PYTHON" bench/profile_step.py --device cuda --image-size 224 --classes-per-batch 32 \
     --hidden-size "$HIDDEN" --heads "$HEADS" --num-prompts 10 --steps 3 --rounds 1 --top 8 \

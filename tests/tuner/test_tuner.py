@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -192,6 +193,29 @@ def test_loading_onto_a_backbone_of_another_shape_explains(tmp_path):
     deeper = tiny_vit(num_hidden_layers=4)
     with pytest.raises(ValueError, match="num_layers: adapter 3 vs model 4"):
         PeftModel.from_pretrained(deeper, tmp_path)
+
+
+def test_a_deep_copy_trains_and_embeds_on_its_own(pixels, labels):
+    model = get_peft_model(
+        tiny_vit(0),
+        VisualPromptDMLConfig.for_method("vptsp-g", num_prompts=3, num_classes=6, embedding_dim=16),
+    )
+    before = model.eval().embed(pixels)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin.eval().embed(pixels), before)
+    twin.train().dml_loss(pixels, labels).backward()
+    trainable = [p for p in twin.parameters() if p.requires_grad]
+    assert all(
+        p.grad is not None for p in trainable
+    )  # BitFit offsets included: the copy's hooks read the copy
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        for offset in twin.base_model.vpdml_bitfit.parameters():
+            offset.add_(0.5)
+    assert not torch.allclose(twin.eval().embed(pixels), before)
+    torch.testing.assert_close(model.eval().embed(pixels), before)
+    twin.base_model.unload()
+    torch.testing.assert_close(model.embed(pixels), before)
 
 
 def test_add_set_delete_adapters_and_unload(pixels):

@@ -46,17 +46,27 @@ def add_bias_offset(output: torch.Tensor, offset: torch.Tensor, *, channels_firs
     return output + offset.view(batch, *spatial, channels)
 
 
+class BiasOffsetHook:
+    """The forward hook of one biased module: adds ``lookup(name)``'s offset to its output.
+
+    A small object rather than a closure, so ``copy.deepcopy`` of a model gives hooks that read the copy's
+    offsets (a closure would be shared with the original)."""
+
+    def __init__(self, name: str, lookup: OffsetLookup, *, channels_first: bool) -> None:
+        self.name = name
+        self.lookup = lookup
+        self.channels_first = channels_first
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        offset = self.lookup(self.name)
+        return None if offset is None else add_bias_offset(output, offset, channels_first=self.channels_first)
+
+
 def install_bias_hooks(modules: dict[str, nn.Module], lookup: OffsetLookup) -> list[RemovableHandle]:
     """Register one forward hook per biased module; ``lookup(name)`` returns the active offset or None."""
-
-    def make_hook(name: str, channels_first: bool):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            offset = lookup(name)
-            return None if offset is None else add_bias_offset(output, offset, channels_first=channels_first)
-
-        return hook
-
     return [
-        module.register_forward_hook(make_hook(name, isinstance(module, nn.modules.conv._ConvNd)))
+        module.register_forward_hook(
+            BiasOffsetHook(name, lookup, channels_first=isinstance(module, nn.modules.conv._ConvNd))
+        )
         for name, module in modules.items()
     ]
