@@ -4,7 +4,7 @@ In VPT-deep every block gets fresh prompts and drops the prompt tokens' outputs.
 depends on the other tokens only through attention, so the prompts matter to the image tokens as keys and values
 and nothing else. Running the block on the image tokens alone, with the prompts' keys and values added inside
 attention, gives the same image-token outputs and skips the prompts' queries, attention rows, output projection
-and MLP: with 10 prompts and 50 image tokens (ViT-S at 112 px) that is a sixth of each block's work.
+and MLP: with 10 prompts and 50 image tokens (ViT-S at 112 px), most of the work of a sixth of the tokens.
 
 The block's own code still runs (norms, residuals, layer scale, drop path, MLP); only its attention module is
 wrapped, and the prompts reach that wrapper as a keyword argument the block hands on to its attention (which is
