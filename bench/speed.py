@@ -14,9 +14,9 @@ AdamW). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the worker's p
 ``vptsp-g`` is the preset (its proxy pass re-encodes one image per class through every block, with a random quarter
 of its patch tokens: ``semantic_images_per_class=1, proxy_pass_tokens=0.25``). The other ``vptsp-g-*`` training rows
 re-encode every batch image unless named ``-1img`` (one per class), keep every token unless named ``-tokensP``, and
-run the paper's whole second pass unless named ``-lastN`` (the last N blocks): ``vptsp-g-whole`` is the paper's form; ``-eq``: as many class prompts as shared prompts, ``-fused``: both
-passes as one, ``-every4``: the proxy pass on every 4th step only, ``-tokensP``: the proxy pass keeps a random P% of
-each image's patch tokens. Prompts enter each block's attention as keys and values only (vpdml's default); a
+run the paper's whole second pass unless named ``-lastN`` (the last N blocks): ``vptsp-g-whole`` is the paper's
+form; ``-eq``: as many class prompts as shared prompts, ``-fused``: both passes as one, ``-every4``: the proxy pass
+on every 4th step only, ``-tokensP``: the proxy pass keeps a random P% of each image's patch tokens. Prompts enter each block's attention as keys and values only (vpdml's default); a
 ``-fulltokens`` row makes them full tokens whose outputs every block computes and drops, as the official code does:
 ``vptsp-g-whole-fulltokens`` is the official VPTSP-G step's shape and cost.
 """

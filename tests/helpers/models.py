@@ -47,6 +47,15 @@ def tiny_backbone(kind: str, seed: int = 0) -> torch.nn.Module:
 BACKBONE_KINDS = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip")
 
 
+def assert_gradients_close(got: dict, expected: dict, *, atol_per_unit: float) -> None:
+    """Same names, and each gradient within rtol 1e-4 and ``atol_per_unit`` times its largest entry (at least 1):
+    float rounding grows with the gradient."""
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        scale = max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=atol_per_unit * scale, msg=name)
+
+
 def train_in_lockstep(models: dict, pixels: torch.Tensor, labels: torch.Tensor, steps: int = 3):
     """Train twin models side by side (RowSparseAdamW lr 0.01, weight decay 0.05, the same seed per step); yields
     each step's losses by name.

@@ -83,13 +83,7 @@ class PromptKeysAttention(nn.Module):
         """Attention dropout would drop entries of attention rows this path does not build: use the full path."""
         if not self.training:
             return False
-        rates = [m.p for m in self.base_layer.modules() if isinstance(m, nn.Dropout)]
-        for module in self.base_layer.modules():
-            for name in ("attention_dropout", "dropout", "dropout_prob"):
-                value = getattr(module, name, None)
-                if isinstance(value, float):
-                    rates.append(value)
-        return any(rate > 0 for rate in rates)
+        return any(rate > 0 for module in self.base_layer.modules() for rate in _dropout_rates(module))
 
     def is_observed(self) -> bool:
         """Hooks on the attention module (e.g. transformers recording attention maps) expect its own output."""
@@ -128,8 +122,7 @@ def wrap_attention(block: nn.Module) -> PromptKeysAttention | None:
     layout = find_attention_layout(block)
     if layout is None:
         return None
-    parent_path, _, name = layout.attention.rpartition(".")
-    parent = block.get_submodule(parent_path) if parent_path else block
+    parent, name = _parent_and_name(block, layout.attention)
     wrapper = PromptKeysAttention(getattr(parent, name), layout)
     setattr(parent, name, wrapper)
     return wrapper
@@ -137,10 +130,24 @@ def wrap_attention(block: nn.Module) -> PromptKeysAttention | None:
 
 def unwrap_attention(block: nn.Module, wrapper: PromptKeysAttention) -> None:
     """Put ``block``'s own attention module back."""
-    parent_path, _, name = wrapper.layout.attention.rpartition(".")
-    parent = block.get_submodule(parent_path) if parent_path else block
+    parent, name = _parent_and_name(block, wrapper.layout.attention)
     if getattr(parent, name) is wrapper:
         setattr(parent, name, wrapper.base_layer)
+
+
+def _dropout_rates(module: nn.Module) -> list[float]:
+    """An ``nn.Dropout``'s rate, and the float rates an attention module passes to its attention function."""
+    rates = [module.p] if isinstance(module, nn.Dropout) else []
+    for name in ("attention_dropout", "dropout", "dropout_prob"):
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            rates.append(value)
+    return rates
+
+
+def _parent_and_name(block: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (block.get_submodule(parent_path) if parent_path else block), name
 
 
 def _takes_var_keywords(module: nn.Module) -> bool:
