@@ -16,9 +16,11 @@ of its patch tokens: ``semantic_images_per_class=1, proxy_pass_tokens=0.25``). T
 re-encode every batch image unless named ``-1img`` (one per class), keep every token unless named ``-tokensP``, and
 run the paper's whole second pass unless named ``-lastN`` (the last N blocks): ``vptsp-g-whole`` is the paper's
 form; ``-eq``: as many class prompts as shared prompts, ``-fused``: both passes as one, ``-every4``: the proxy pass
-on every 4th step only, ``-tokensP``: the proxy pass keeps a random P% of each image's patch tokens. Prompts enter each block's attention as keys and values only (vpdml's default); a
-``-fulltokens`` row makes them full tokens whose outputs every block computes and drops, as the official code does:
-``vptsp-g-whole-fulltokens`` is the official VPTSP-G step's shape and cost.
+on every 4th step only, ``-tokensP``: the proxy pass keeps a random P% of each image's patch tokens. Prompts enter
+each block's attention as keys and values only (vpdml's default); a ``-fulltokens`` row makes them full tokens whose
+outputs every block computes and drops, as the official code does: ``vptsp-g-whole-fulltokens`` is the official
+VPTSP-G step's shape and cost (on CPU with the per-tensor AdamW loop the official code's ``torch.optim.AdamW`` runs
+there; every other row uses the training loop's fused AdamW).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ TOKENS_SUFFIX = "-tokens"
 #: ``-fulltokens``: prompts are full tokens whose outputs every block computes and drops, as in the official code
 #: (``prompts_as_keys = False``); without it they enter attention as keys and values only
 FULL_TOKENS_SUFFIX = "-fulltokens"
+#: the row with the official VPTSP-G step's shape: the paper's two whole passes over every image, full tokens
+OFFICIAL_SHAPE = "vptsp-g-whole-fulltokens"
 # Forward-only rows: the frozen backbone (the floor) and embedding with a trained VPTSP-G adapter (inference:
 # shared prompts + head; class prompts and proxies are not used).
 INFERENCE_METHODS = ("frozen-forward", "vptsp-g-embed", "vptsp-g-embed-fulltokens")
@@ -157,6 +161,8 @@ def make_step(method: str, setting: Setting) -> tuple[Callable[[], None], list]:
     """The model of ``method`` on a random batch, as ``(one training step or forward pass, trainable params)``."""
     import torch
 
+    from vpdml.training.optim import fused_adamw
+
     model = _build(method, setting).to(setting.device)
     if setting.compile:  # regional torch.compile of every block; the warm-up steps absorb the compile time
         from peft import PeftModel
@@ -174,7 +180,9 @@ def make_step(method: str, setting: Setting) -> tuple[Callable[[], None], list]:
         setting.samples_per_class
     )
     params = [p for p in model.parameters() if p.requires_grad] if method not in INFERENCE_METHODS else []
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    # the training loop's AdamW; the official step's shape keeps the per-tensor loop its torch.optim.AdamW runs on CPU
+    adamw = torch.optim.AdamW if method == OFFICIAL_SHAPE and setting.device == "cpu" else fused_adamw
+    optimizer = adamw(params, lr=1e-4) if params else None
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[setting.dtype]
 
     def step() -> None:

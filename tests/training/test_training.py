@@ -26,7 +26,7 @@ from vpdml.training.checkpoints import (
     optimizer_state_to_tensors,
     resolve_checkpoint,
 )
-from vpdml.training.optim import create_optimizer
+from vpdml.training.optim import create_optimizer, fused_adamw
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -316,7 +316,7 @@ def test_checkpoints_hold_only_safetensors_and_json(tmp_path):
     assert resolve_checkpoint("latest", tmp_path / "elsewhere") is None  # nothing yet: start fresh
 
 
-@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("kind", ["adamw", "fused-adamw", "sgd"])
 def test_optimizer_state_round_trips_without_pickle(kind):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
@@ -325,6 +325,8 @@ def test_optimizer_state_round_trips_without_pickle(kind):
         groups = [{"params": parameters[:1], "weight_decay": 0.1}, {"params": parameters[1:], "lr": 0.5}]
         if kind == "sgd":
             return torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+        if kind == "fused-adamw":
+            return fused_adamw(groups, lr=0.1, betas=(0.8, 0.9))
         return torch.optim.AdamW(groups, lr=0.1, betas=(0.8, 0.9))
 
     optimizer = make(params)
@@ -346,6 +348,44 @@ def test_optimizer_state_round_trips_without_pickle(kind):
         optim.step()
     for original, copy in zip(params, copies, strict=True):
         assert torch.equal(original, copy)
+
+
+def test_adamw_falls_back_to_the_standard_kernel_where_the_device_has_no_fused_one(monkeypatch):
+    class NoFusedKernel(torch.optim.AdamW):
+        def __init__(self, params, *, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError(
+                    "`fused=True` requires all the params to be floating point Tensors of supported devices"
+                )
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFusedKernel)
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = fused_adamw([param], lr=0.1, weight_decay=0.0)
+    assert isinstance(optimizer, NoFusedKernel) and not optimizer.defaults["fused"]
+    param.sum().backward()
+    optimizer.step()
+    torch.testing.assert_close(param.detach(), torch.full((3,), 0.9))
+
+
+def test_adamw_is_the_fused_kernel_where_the_device_has_it_with_the_same_updates():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(30, 4)), torch.nn.Parameter(torch.randn(4))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    start = [p.detach().clone() for p in params]
+    fused, loop = (
+        fused_adamw(params, lr=0.1, weight_decay=0.05),
+        torch.optim.AdamW(copies, lr=0.1, weight_decay=0.05),
+    )
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    for _ in range(5):
+        for optimizer, parameters in ((fused, params), (loop, copies)):
+            optimizer.zero_grad()
+            sum((p**3).sum() for p in parameters).backward()
+            optimizer.step()
+    for got, expected, first in zip(params, copies, start, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        assert (got - first).abs().min() > 0.1  # five steps of lr 0.1 moved every entry
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,17 +1,18 @@
 """BitFit as per-adapter bias offsets.
 
 Instead of training the backbone's biases in place, each adapter owns an offset per bias (zero-initialised)
-that a forward hook adds to the module's output. The gradient is the same as training the bias itself, but
+that joins the module's bias in its forward (:class:`BiasOffsetForward`). The gradient is the same as training the bias itself, but
 the backbone stays untouched: adapters can be switched, disabled and unloaded exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+from torch.nn import functional as F
 
 
 class BiasOffsets(nn.Module):
@@ -46,27 +47,75 @@ def add_bias_offset(output: torch.Tensor, offset: torch.Tensor, *, channels_firs
     return output + offset.view(batch, *spatial, channels)
 
 
-class BiasOffsetHook:
-    """The forward hook of one biased module: adds ``lookup(name)``'s offset to its output.
+#: module types whose own bias the offset can join, so one fused op adds both (their forward is re-done here)
+_FUSABLE = (nn.Linear, nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-    A small object rather than a closure, so ``copy.deepcopy`` of a model gives hooks that read the copy's
-    offsets (a closure would be shared with the original)."""
 
-    def __init__(self, name: str, lookup: OffsetLookup, *, channels_first: bool) -> None:
+class BiasOffsetForward:
+    """The forward of one biased module while an adapter's offsets apply to it.
+
+    With one ``(D,)`` offset for the whole batch, a Linear, LayerNorm or Conv runs with ``bias + offset`` as its bias:
+    the offset costs nothing on top of the bias the op adds anyway, where adding it to the output would read and
+    write the whole output once more (about 5% of a ViT training step). Per-sample ``(B, D)`` offsets (mixed-adapter
+    batches) and other module types get the offset added to their output.
+
+    Installed as the module's instance attribute ``forward``, so the module tree, its state dict and its hooks stay
+    as they are. A forward already set on the instance (accelerate's offloading hooks) is kept and called, with the
+    offset added to its output. A small object rather than a closure, so ``copy.deepcopy`` of a model gives forwards
+    that read the copy's module and offsets.
+    """
+
+    def __init__(self, module: nn.Module, name: str, lookup: OffsetLookup) -> None:
+        self.module = module
         self.name = name
         self.lookup = lookup
-        self.channels_first = channels_first
+        self.inner = module.__dict__.get("forward")
+        self.channels_first = isinstance(module, nn.modules.conv._ConvNd)
+        # exact types (a subclass may compute something else), reading weights nobody else manages
+        self.fusable = self.inner is None and type(module) in _FUSABLE
+        self.active = True
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        offset = self.lookup(self.name)
-        return None if offset is None else add_bias_offset(output, offset, channels_first=self.channels_first)
+    def __call__(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        module = self.module
+        offset = self.lookup(self.name) if self.active else None
+        if offset is None:
+            return self._own_forward(input, *args, **kwargs)
+        if self.fusable and offset.dim() == 1 and not args and not kwargs:
+            return _forward_with_bias(module, input, module.bias + offset.to(module.bias.dtype))
+        output = self._own_forward(input, *args, **kwargs)
+        return add_bias_offset(output, offset, channels_first=self.channels_first)
+
+    def _own_forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.inner is not None:
+            return self.inner(input, *args, **kwargs)
+        return type(self.module).forward(self.module, input, *args, **kwargs)
+
+    def remove(self) -> None:
+        """Stop adding offsets and give the module its forward back (if something wrapped this forward since, it
+        keeps calling it, which then adds nothing)."""
+        self.active = False
+        if self.module.__dict__.get("forward") is self:
+            if self.inner is None:
+                del self.module.forward
+            else:
+                self.module.forward = self.inner
 
 
-def install_bias_hooks(modules: dict[str, nn.Module], lookup: OffsetLookup) -> list[RemovableHandle]:
-    """Register one forward hook per biased module; ``lookup(name)`` returns the active offset or None."""
-    return [
-        module.register_forward_hook(
-            BiasOffsetHook(name, lookup, channels_first=isinstance(module, nn.modules.conv._ConvNd))
-        )
-        for name, module in modules.items()
-    ]
+def _forward_with_bias(module: nn.Module, input: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return F.linear(input, module.weight, bias)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(input, module.normalized_shape, module.weight, bias, module.eps)
+    return module._conv_forward(input, module.weight, bias)
+
+
+def install_bias_offsets(modules: dict[str, nn.Module], lookup: OffsetLookup) -> list[BiasOffsetForward]:
+    """Give each biased module a forward that applies ``lookup(name)``'s offset (None: the module's own output).
+
+    Call ``.remove()`` on each returned object to restore the modules."""
+    installed = []
+    for name, module in modules.items():
+        forward = BiasOffsetForward(module, name, lookup)
+        module.forward = forward
+        installed.append(forward)
+    return installed

@@ -16,7 +16,7 @@ from vpdml.modules.row_sparse import (
 )
 from vpdml.training.args import TrainingArguments
 
-__all__ = ["cosine_factor", "create_optimizer", "create_scheduler", "parameter_groups"]
+__all__ = ["cosine_factor", "create_optimizer", "create_scheduler", "fused_adamw", "parameter_groups"]
 # Parameter names that hold tokens rather than weights: never weight-decayed (decay would pull them to "absent").
 _TOKEN_PARAMETER_MARKERS = ("prompts", "cls_token", "position_embeddings", "mask_token", "register_tokens")
 
@@ -84,7 +84,21 @@ def create_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.O
         return RowSparseAdamW(groups, lr=args.learning_rate)
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum)
-    return torch.optim.AdamW(groups, lr=args.learning_rate)
+    return fused_adamw(groups, lr=args.learning_rate)
+
+
+def fused_adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with ``fused=True`` where the parameters' device has the fused kernel (CPU, CUDA...),
+    else the standard one.
+
+    The fused kernel updates every tensor in one pass; the per-tensor loop PyTorch uses on CPU by default reads and
+    writes each tensor about ten times, which costs 2-3% of a VPTSP-G step (its class-prompt table and GRU). The
+    result differs from the loop's by float rounding only. transformers' Trainer defaults to it too.
+    """
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def create_scheduler(

@@ -26,7 +26,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from vpdml.modules.backbones import BackboneInfo, biased_modules, describe_backbone, pooled_features
-from vpdml.modules.bitfit import BiasOffsets, install_bias_hooks
+from vpdml.modules.bitfit import BiasOffsets, install_bias_offsets
 from vpdml.modules.head import EmbeddingHead
 from vpdml.modules.prompts import VisualPrompts, prompt_schedule
 from vpdml.proxies.accumulators import first_per_class
@@ -116,7 +116,7 @@ class VisualPromptDMLModel(BaseTuner):
             if not isinstance(block, PromptedBlock):
                 blocks[index] = PromptedBlock(block, index, self._router)
         self._biased_modules = biased_modules(model, info)
-        self._bias_hooks = install_bias_hooks(self._biased_modules, self._active_bias_offset)
+        self._bias_forwards = install_bias_offsets(self._biased_modules, self._active_bias_offset)
         self._bias_adapter: str | BiasLookup | None = None
         for container in ADAPTER_CONTAINERS:
             self.add_module(container, nn.ModuleDict())
@@ -498,9 +498,9 @@ class VisualPromptDMLModel(BaseTuner):
 
     def unload(self) -> nn.Module:
         """Remove every trace of vpdml and return the untouched backbone."""
-        for handle in self._bias_hooks:
-            handle.remove()
-        self._bias_hooks = []
+        for forward in self._bias_forwards:
+            forward.remove()
+        self._bias_forwards = []
         blocks = self.model.get_submodule(self.backbone_info.blocks_path)
         for index, block in enumerate(blocks):
             if isinstance(block, PromptedBlock):
