@@ -5,7 +5,8 @@
 # class, fused, a shared trunk, half the tokens, amortised),
 # LoRA, full fine-tuning; plus the frozen backbone's forward
 # pass and VPTSP-G embedding throughput (inference, no gradients). The `-fulltokens` rows run the prompts as full
-# tokens, as the official code does (`vptsp-g-whole-fulltokens` is the official VPTSP-G step's shape).
+# tokens, as the official code does (`vptsp-g-whole-fulltokens` is the official VPTSP-G step's shape); the
+# `-outputadd` rows add the BitFit offsets to each module's output instead of joining its bias.
 # Expected to take 2-5 minutes on one H100/A100 (each method runs in its own process; most of the time is Python
 # and CUDA start-up).
 #
@@ -36,8 +37,9 @@ EOF
     --samples-per-class 2 --hidden-size "$HIDDEN" --heads "$HEADS" --layers 12 --num-prompts 10 \
     --num-classes 100 --steps "$STEPS" --warmup 3 \
     --methods linear vpt vpt-bitfit vptsp-g vptsp-g-1img vptsp-g-whole vptsp-g-1img-eq-fused vptsp-g-1img-last2 \
-    vptsp-g-1img-tokens50 vptsp-g-1img-every4 lora full-finetune \
-    vptsp-g-embed vpt-bitfit-fulltokens vptsp-g-whole-fulltokens vptsp-g-embed-fulltokens
+    vptsp-g-1img-tokens50 vptsp-g-1img-tokens12 vptsp-g-1img-every4 lora full-finetune \
+    vptsp-g-embed vpt-bitfit-fulltokens vptsp-g-whole-fulltokens vptsp-g-embed-fulltokens \
+    vpt-bitfit-outputadd vptsp-g-outputadd vptsp-g-embed-outputadd
   echo
   "$PYTHON" bench/profile_step.py --device cuda --image-size 224 --classes-per-batch 32 \
     --hidden-size "$HIDDEN" --heads "$HEADS" --num-prompts 10 --steps 3 --rounds 1 --top 8 \

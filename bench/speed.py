@@ -19,8 +19,9 @@ form; ``-eq``: as many class prompts as shared prompts, ``-fused``: both passes 
 on every 4th step only, ``-tokensP``: the proxy pass keeps a random P% of each image's patch tokens. Prompts enter
 each block's attention as keys and values only (vpdml's default); a ``-fulltokens`` row makes them full tokens whose
 outputs every block computes and drops, as the official code does: ``vptsp-g-whole-fulltokens`` is the official
-VPTSP-G step's shape and cost (on CPU with the per-tensor AdamW loop the official code's ``torch.optim.AdamW`` runs
-there; every other row uses the training loop's fused AdamW).
+VPTSP-G step's shape and cost (with the official code's plain ``torch.optim.AdamW``; every other row uses the
+training loop's fused AdamW). An ``-outputadd`` row adds the BitFit offsets to each module's output, as vpdml did
+before they joined the module's bias.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ METHODS = (
     "vptsp-g-1img-last6",
     "vptsp-g-1img-tokens50",
     "vptsp-g-1img-tokens25",
+    "vptsp-g-1img-tokens12",
     "lora",
     "full-finetune",
     "vptsp-g-embed",
@@ -64,6 +66,9 @@ METHODS = (
     "vptsp-g-fulltokens",
     "vptsp-g-whole-fulltokens",
     "vptsp-g-embed-fulltokens",
+    "vpt-bitfit-outputadd",
+    "vptsp-g-outputadd",
+    "vptsp-g-embed-outputadd",
 )
 #: proxy pass on every k-th step only (``proxy_pass_every``): such a method is timed over whole k-step cycles, by the
 #: mean step (a median would pick the cheap steps)
@@ -80,7 +85,10 @@ FULL_TOKENS_SUFFIX = "-fulltokens"
 OFFICIAL_SHAPE = "vptsp-g-whole-fulltokens"
 # Forward-only rows: the frozen backbone (the floor) and embedding with a trained VPTSP-G adapter (inference:
 # shared prompts + head; class prompts and proxies are not used).
-INFERENCE_METHODS = ("frozen-forward", "vptsp-g-embed", "vptsp-g-embed-fulltokens")
+INFERENCE_METHODS = ("frozen-forward", "vptsp-g-embed", "vptsp-g-embed-fulltokens", "vptsp-g-embed-outputadd")
+#: ``-outputadd``: BitFit offsets are added to each biased module's output (vpdml before 2026-12-03) instead of
+#: joining its bias
+OUTPUT_ADD_SUFFIX = "-outputadd"
 
 
 @dataclass
@@ -101,9 +109,12 @@ class Setting:
 
 
 def _build(method: str, setting: Setting):
-    model = _build_model(method.removesuffix(FULL_TOKENS_SUFFIX), setting)
+    model = _build_model(method.removesuffix(FULL_TOKENS_SUFFIX).removesuffix(OUTPUT_ADD_SUFFIX), setting)
     if method.endswith(FULL_TOKENS_SUFFIX):
         model.base_model.prompts_as_keys = False
+    if method.endswith(OUTPUT_ADD_SUFFIX):
+        for forward in model.base_model._bias_forwards:
+            forward.fusable = False
     return model
 
 
@@ -180,8 +191,9 @@ def make_step(method: str, setting: Setting) -> tuple[Callable[[], None], list]:
         setting.samples_per_class
     )
     params = [p for p in model.parameters() if p.requires_grad] if method not in INFERENCE_METHODS else []
-    # the training loop's AdamW; the official step's shape keeps the per-tensor loop its torch.optim.AdamW runs on CPU
-    adamw = torch.optim.AdamW if method == OFFICIAL_SHAPE and setting.device == "cpu" else fused_adamw
+    # the training loop's AdamW; the official step's shape keeps the official code's plain torch.optim.AdamW (a
+    # per-tensor loop on CPU, foreach kernels on CUDA)
+    adamw = torch.optim.AdamW if method == OFFICIAL_SHAPE else fused_adamw
     optimizer = adamw(params, lr=1e-4) if params else None
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[setting.dtype]
 

@@ -26,11 +26,16 @@ def test_speed_prints_its_table_on_a_tiny_vit():
         "speed.py",
         *("--hidden-size", "32", "--layers", "2", "--heads", "2", "--image-size", "32"),
         *("--classes-per-batch", "2", "--num-classes", "4", "--steps", "1", "--warmup", "0"),
-        *("--methods", "vptsp-g-embed", "vpt-bitfit-fulltokens"),
+        *("--methods", "vptsp-g-embed", "vpt-bitfit-fulltokens", "vpt-bitfit-outputadd"),
     )
     assert "| method | step (ms) | x frozen forward | x VPT |" in out
     rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "ms" not in line]
-    assert rows == ["| frozen-forward", "| vptsp-g-embed", "| vpt-bitfit-fulltokens"]
+    assert rows == [
+        "| frozen-forward",
+        "| vptsp-g-embed",
+        "| vpt-bitfit-fulltokens",
+        "| vpt-bitfit-outputadd",
+    ]
 
 
 @pytest.mark.slow

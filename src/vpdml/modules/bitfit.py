@@ -1,8 +1,8 @@
 """BitFit as per-adapter bias offsets.
 
-Instead of training the backbone's biases in place, each adapter owns an offset per bias (zero-initialised)
-that joins the module's bias in its forward (:class:`BiasOffsetForward`). The gradient is the same as training the bias itself, but
-the backbone stays untouched: adapters can be switched, disabled and unloaded exactly.
+Instead of training the backbone's biases in place, each adapter owns an offset per bias (zero-initialised) that
+joins the module's bias in its forward (:class:`BiasOffsetForward`). The gradient is the same as training the bias
+itself, but the backbone stays untouched: adapters can be switched, disabled and unloaded exactly.
 """
 
 from __future__ import annotations
