@@ -56,7 +56,7 @@ class BiasOffsetForward:
 
     With one ``(D,)`` offset for the whole batch, a Linear, LayerNorm or Conv runs with ``bias + offset`` as its bias:
     the offset costs nothing on top of the bias the op adds anyway, where adding it to the output would read and
-    write the whole output once more (about 5% of a ViT training step). Per-sample ``(B, D)`` offsets (mixed-adapter
+    write the whole output once more (about 6% of a ViT training step). Per-sample ``(B, D)`` offsets (mixed-adapter
     batches) and other module types get the offset added to their output.
 
     Installed as the module's instance attribute ``forward``, so the module tree, its state dict and its hooks stay
