@@ -2,7 +2,7 @@
 # GPU speed benchmark: ViT-B/16 at 224 px, random weights, batch 64 (32 classes x 2), bf16 autocast.
 # Prints images/s and peak memory (torch.cuda.max_memory_allocated) for one training step of: linear probe,
 # VPT, VPT + BitFit, VPTSP-G (the preset: a quarter of the patch tokens; whole proxy pass over every image or one per
-# class, fused, a shared trunk, half the tokens, amortised),
+# class, fused, a shared trunk, half or an eighth of the tokens, amortised),
 # LoRA, full fine-tuning; plus the frozen backbone's forward
 # pass and VPTSP-G embedding throughput (inference, no gradients). The `-fulltokens` rows run the prompts as full
 # tokens, as the official code does (`vptsp-g-whole-fulltokens` is the official VPTSP-G step's shape); the
