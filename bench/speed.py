@@ -85,7 +85,8 @@ FULL_TOKENS_SUFFIX = "-fulltokens"
 OFFICIAL_SHAPE = "vptsp-g-whole-fulltokens"
 # Forward-only rows: the frozen backbone (the floor) and embedding with a trained VPTSP-G adapter (inference:
 # shared prompts + head; class prompts and proxies are not used).
-INFERENCE_METHODS = ("frozen-forward", "vptsp-g-embed", "vptsp-g-embed-fulltokens", "vptsp-g-embed-outputadd")
+EMBED_PREFIX = "vptsp-g-embed"
+INFERENCE_METHODS = ("frozen-forward", *(m for m in METHODS if m.startswith(EMBED_PREFIX)))
 #: ``-outputadd``: BitFit offsets are added to each biased module's output (vpdml before 2026-12-03) instead of
 #: joining its bias
 OUTPUT_ADD_SUFFIX = "-outputadd"
@@ -203,7 +204,7 @@ def make_step(method: str, setting: Setting) -> tuple[Callable[[], None], list]:
                 with torch.no_grad():
                     model(pixel_values=pixels)
                 return
-            if method.startswith("vptsp-g-embed"):
+            if method.startswith(EMBED_PREFIX):
                 with torch.no_grad():
                     model.embed(pixels)
                 return
